@@ -1,0 +1,741 @@
+"""Recipes: YAML files that describe an image, loaded into frozen, validated models.
+
+A recipe is found by name in the search path (``IMAGEKIT_RECIPE_PATH`` directories
+first, then the shipped ``recipes/``). ``extends: OTHER`` deep-merges the recipe
+over OTHER (mappings merge key by key, lists are replaced; a key written
+``customise+`` appends to the parent's list instead). Variables such as
+``{release}`` or ``{date}`` are substituted in names, URLs and build environment
+values. Validation is strict: every unknown key, wrong type, bad enum value and
+missing field is reported at once, each with its path, e.g.
+``customise[2].packages: expected a list``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+from imagekit import paths
+from imagekit.errors import RecipeError
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_VAR_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+MAX_EXTENDS_DEPTH = 10
+
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``10G``, ``512M``, ``64K``, ``10GiB`` or a plain integer (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10G")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("size must be positive")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as 10G")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"'{value}' is not a size (examples: 10G, 512M, 64K)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}[m.group(2).lower()]
+    n = int(float(m.group(1)) * mult)
+    if n <= 0:
+        raise ValueError("size must be positive")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Source(_Model):
+    """A file to download: a pinned digest, an upstream checksum file, or trust on first use."""
+
+    url: str
+    sha256: str | None = None
+    sha512: str | None = None
+    checksum_url: str | None = None
+    trust: Literal["pinned", "first-use"] = "pinned"
+
+    @field_validator("url", "checksum_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(https?|file)://", v):
+            raise ValueError(f"'{v}' is not an http(s):// or file:// URL")
+        return v
+
+    @field_validator("sha256", "sha512")
+    @classmethod
+    def _hex(cls, v: str | None, info: Any) -> str | None:
+        if v is None:
+            return v
+        v = v.lower()
+        want = 64 if info.field_name == "sha256" else 128
+        if len(v) != want or not _HEX_RE.match(v):
+            raise ValueError(f"expected {want} hexadecimal digits")
+        return v
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> Source:
+        pins = [x for x in (self.sha256, self.sha512, self.checksum_url) if x]
+        if self.trust == "pinned" and not pins:
+            raise ValueError(
+                "no way to verify the download: give sha256, sha512 or checksum_url "
+                "(or trust: first-use to record the digest of the first download)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- build methods
+
+
+class DibBuild(_Model):
+    method: Literal["dib"]
+    elements: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    packages: list[str] = Field(default_factory=list)
+    image_size: str | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.match(r"^[A-Z_][A-Z0-9_]*$", k)]
+        if bad:
+            raise ValueError(f"environment variable names must be UPPER_CASE: {', '.join(bad)}")
+        return v
+
+
+class CloudImageBuild(_Model):
+    method: Literal["cloud-image"]
+    base: Source
+    format: Literal["qcow2", "raw", "vmdk", "vhdx", "vpc"] | None = None
+
+
+class WindowsBuild(_Model):
+    method: Literal["windows"]
+    install_media: Source
+    virtio_drivers: Source
+    cloudbase_init: Source
+    image_name: str
+    product_key: str | None = None
+    language: str = "en-US"
+    firmware: Literal["bios", "uefi"] = "uefi"
+    memory: str = "4G"
+    install_timeout: str = "4h"
+    updates: StrictBool = False
+
+
+Build = Annotated[DibBuild | CloudImageBuild | WindowsBuild, Field(discriminator="method")]
+
+
+# ---------------------------------------------------------------- customisation steps
+
+
+class _Step(_Model):
+    pass
+
+
+class WriteStep(_Step):
+    op: Literal["write"]
+    path: str
+    content: str
+    mode: str | None = None
+    owner: str | None = None
+
+
+class AppendStep(_Step):
+    op: Literal["append"]
+    path: str
+    content: str
+
+
+class UploadStep(_Step):
+    op: Literal["upload"]
+    src: str
+    dest: str
+    mode: str | None = None
+    owner: str | None = None
+
+
+class MkdirStep(_Step):
+    op: Literal["mkdir"]
+    path: str
+    mode: str | None = None
+    owner: str | None = None
+
+
+class ChmodStep(_Step):
+    op: Literal["chmod"]
+    path: str
+    mode: str
+
+
+class ChownStep(_Step):
+    op: Literal["chown"]
+    path: str
+    owner: str
+
+
+class DeleteStep(_Step):
+    op: Literal["delete"]
+    path: str
+    recursive: StrictBool = False
+
+
+class RunStep(_Step):
+    op: Literal["run"]
+    command: str
+    timeout: str = "30m"
+
+
+class ScriptStep(_Step):
+    op: Literal["script"]
+    file: str | None = None
+    content: str | None = None
+    timeout: str = "30m"
+
+    @model_validator(mode="after")
+    def _one(self) -> ScriptStep:
+        if (self.file is None) == (self.content is None):
+            raise ValueError("give exactly one of file or content")
+        return self
+
+
+class InstallStep(_Step):
+    op: Literal["install"]
+    packages: list[str] = Field(min_length=1)
+
+
+class UninstallStep(_Step):
+    op: Literal["uninstall"]
+    packages: list[str] = Field(min_length=1)
+
+
+class ServicesStep(_Step):
+    op: Literal["services"]
+    enable: list[str] = Field(default_factory=list)
+    disable: list[str] = Field(default_factory=list)
+    mask: list[str] = Field(default_factory=list)
+
+
+class RootPasswordStep(_Step):
+    op: Literal["root-password"]
+    hash: str | None = None
+    locked: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> RootPasswordStep:
+        if (self.hash is None) == (not self.locked):
+            raise ValueError("give a crypt(3) hash, or locked: true (plain-text passwords are not accepted)")
+        if self.hash is not None and not self.hash.startswith("$"):
+            raise ValueError("hash must be a crypt(3) hash such as $6$... or $y$... (never a plain password)")
+        return self
+
+
+class UserStep(_Step):
+    op: Literal["user"]
+    name: str
+    groups: list[str] = Field(default_factory=list)
+    shell: str = "/bin/bash"
+    password_hash: str | None = None
+    ssh_keys: list[str] = Field(default_factory=list)
+    sudo: StrictBool = False
+
+
+class SshKeyStep(_Step):
+    op: Literal["ssh-key"]
+    user: str = "root"
+    key: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SshKeyStep:
+        if (self.key is None) == (self.key_file is None):
+            raise ValueError("give exactly one of key or key_file")
+        return self
+
+
+class HostnameStep(_Step):
+    op: Literal["hostname"]
+    hostname: str
+
+
+class TimezoneStep(_Step):
+    op: Literal["timezone"]
+    timezone: str
+
+
+class LocaleStep(_Step):
+    op: Literal["locale"]
+    locale: str
+
+
+class CloudInitStep(_Step):
+    op: Literal["cloud-init"]
+    datasources: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class FirstbootStep(_Step):
+    op: Literal["firstboot"]
+    command: str | None = None
+    script: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FirstbootStep:
+        if (self.command is None) == (self.script is None):
+            raise ValueError("give exactly one of command or script")
+        return self
+
+
+class SelinuxRelabelStep(_Step):
+    op: Literal["selinux-relabel"]
+
+
+class GrowRootStep(_Step):
+    op: Literal["grow-root"]
+
+
+SYSPREP_OPERATIONS = (
+    "machine-id", "ssh-hostkeys", "logs", "bash-history", "cloud-init-state",
+    "net-persistent-rules", "package-cache", "tmp-files", "dhcp-leases",
+)
+
+
+class SysprepStep(_Step):
+    op: Literal["sysprep"]
+    operations: list[Literal[SYSPREP_OPERATIONS]] = Field(default_factory=lambda: list(SYSPREP_OPERATIONS))  # type: ignore[valid-type]
+
+
+class SparsifyStep(_Step):
+    op: Literal["sparsify"]
+
+
+Step = Annotated[
+    WriteStep | AppendStep | UploadStep | MkdirStep | ChmodStep | ChownStep | DeleteStep | RunStep
+    | ScriptStep | InstallStep | UninstallStep | ServicesStep | RootPasswordStep | UserStep | SshKeyStep
+    | HostnameStep | TimezoneStep | LocaleStep | CloudInitStep | FirstbootStep | SelinuxRelabelStep
+    | GrowRootStep | SysprepStep | SparsifyStep,
+    Field(discriminator="op"),
+]
+
+
+# ---------------------------------------------------------------- the rest
+
+
+class OsSpec(_Model):
+    type: Literal["linux", "windows"]
+    distro: str
+    version: str
+    arch: Literal["x86_64", "aarch64"] = "x86_64"
+
+
+class Output(_Model):
+    format: Literal["qcow2", "raw", "vmdk", "vhdx", "vpc"] = "qcow2"
+    compat: Literal["0.10", "1.1"] = "1.1"
+    compression: Literal["none", "zlib", "zstd"] = "none"
+    cluster_size: str = "64K"
+    name: str = "{name}"
+
+    @field_validator("cluster_size")
+    @classmethod
+    def _cluster(cls, v: str) -> str:
+        n = parse_size(v)
+        if n < 512 or n > 2 << 20 or n & (n - 1):
+            raise ValueError("cluster_size must be a power of two between 512 and 2M")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Output:
+        if self.compression != "none" and self.format != "qcow2":
+            raise ValueError(f"compression is only possible with format qcow2, not {self.format}")
+        if self.compression == "zstd" and self.compat == "0.10":
+            raise ValueError("zstd compression needs compat 1.1")
+        return self
+
+
+class Glance(_Model):
+    name: str = "{name}"
+    properties: dict[str, str] = Field(default_factory=dict)
+    visibility: Literal["public", "private", "shared", "community"] = "private"
+    tags: list[str] = Field(default_factory=list)
+    keep: StrictInt = Field(default=3, ge=0)
+    protected: StrictBool = False
+    min_ram: StrictInt | None = Field(default=None, ge=0)
+
+
+class Recipe(_Model):
+    """A validated, fully resolved recipe."""
+
+    name: str
+    description: str
+    os: OsSpec
+    build: Build
+    disk_size: str
+    customise: list[Step] = Field(default_factory=list)
+    output: Output = Field(default_factory=Output)
+    glance: Glance = Field(default_factory=Glance)
+    vars: dict[str, str] = Field(default_factory=dict)
+    # Set by the loader, not by recipe authors:
+    source: str | None = Field(default=None, exclude=True)
+    digest: str | None = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("names use lower-case letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @model_validator(mode="after")
+    def _windows(self) -> Recipe:
+        is_win_build = isinstance(self.build, WindowsBuild)
+        if is_win_build and self.os.type != "windows":
+            raise ValueError("build method windows needs os.type windows")
+        return self
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+# ---------------------------------------------------------------- loading
+
+META_KEYS = ("extends", "abstract")
+_KNOWN_KEYS: set[str] = set()
+
+
+def _collect_keys(model: type[BaseModel]) -> None:
+    for name, f in model.model_fields.items():
+        _KNOWN_KEYS.add(name)
+        for arg in _walk_types(f.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg.__name__ not in _seen:
+                _seen.add(arg.__name__)
+                _collect_keys(arg)
+
+
+_seen: set[str] = set()
+
+
+def _walk_types(tp: Any) -> Iterable[Any]:
+    yield tp
+    for a in getattr(tp, "__args__", ()) or ():
+        yield from _walk_types(a)
+    for a in getattr(tp, "__metadata__", ()) or ():
+        yield from _walk_types(a)
+    origin = getattr(tp, "__origin__", None)
+    if origin is not None and origin is not tp:
+        yield from _walk_types(origin)
+
+
+_collect_keys(Recipe)
+_KNOWN_KEYS.update(META_KEYS)
+
+
+def search_path() -> list[Path]:
+    """Directories searched for recipes, first match wins."""
+    dirs = [Path(p) for p in os.environ.get("IMAGEKIT_RECIPE_PATH", "").split(os.pathsep) if p]
+    root = paths.project_root()
+    if root is not None:
+        dirs.append(root / "recipes")
+    return dirs
+
+
+def _recipe_files() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in search_path():
+        if not d.is_dir():
+            continue
+        for f in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise RecipeError(f"recipe file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            f"{path}: not valid YAML{where}: {problem}",
+            "check indentation and quoting; strings containing ': ' or starting with '{' need quotes",
+        ) from exc
+    if data is None:
+        raise RecipeError(f"{path}: the file is empty", "a recipe is a YAML mapping with name, description, os, build")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, not a {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged onto ``base``: mappings recursively, lists replaced, ``key+`` appends."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(key, str) and key.endswith("+"):
+            real = key[:-1]
+            prev = out.get(real, [])
+            if not isinstance(prev, list) or not isinstance(value, list):
+                raise RecipeError(f"'{key}' appends to a list, but '{real}' or the new value is not a list")
+            out[real] = prev + value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_raw(ref: str | Path, chain: tuple[str, ...] = (), near: Path | None = None) -> tuple[dict[str, Any], Path]:
+    path = _locate(ref, near)
+    key = str(path.resolve())
+    if key in chain:
+        names = " -> ".join(Path(c).stem for c in chain + (key,))
+        raise RecipeError(f"recipe inheritance loops: {names}", "remove one of the extends: lines")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"recipe inheritance is deeper than {MAX_EXTENDS_DEPTH} levels at {path}")
+    data = _read_yaml(path)
+    parent = data.get("extends")
+    if parent is None:
+        return data, path
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected the name of another recipe")
+    try:
+        base, _ = _resolve_raw(parent, chain + (key,), near=path.parent)
+    except RecipeError as exc:
+        if "does not exist" in exc.message or "no recipe named" in exc.message:
+            raise RecipeError(f"{path}: extends '{parent}', {exc.message}", exc.hint) from exc
+        raise
+    base = {k: v for k, v in base.items() if k not in ("abstract", "name")}
+    merged = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return merged, path
+
+
+def _locate(ref: str | Path, near: Path | None = None) -> Path:
+    """A recipe file by path, or by name: next to the extending recipe first, then the search path."""
+    p = Path(ref)
+    if isinstance(ref, Path) or p.suffix in (".yaml", ".yml") or os.sep in str(ref):
+        if not p.exists():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return p
+    if near is not None:
+        for ext in (".yaml", ".yml"):
+            if (near / f"{ref}{ext}").is_file():
+                return near / f"{ref}{ext}"
+    files = _recipe_files()
+    if str(ref) in files:
+        return files[str(ref)]
+    close = difflib.get_close_matches(str(ref), list(files), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "list recipes with 'imagekit recipes list'"
+    raise RecipeError(f"no recipe named '{ref}'", hint)
+
+
+def builtin_vars(data: dict[str, Any], now: _dt.datetime | None = None) -> dict[str, str]:
+    now = now or _dt.datetime.now(_dt.UTC)
+    os_ = data.get("os") if isinstance(data.get("os"), dict) else {}
+    assert isinstance(os_, dict)
+    out = {
+        "name": str(data.get("name", "")),
+        "date": now.strftime("%Y%m%d"),
+        "datetime": now.strftime("%Y%m%dT%H%M%SZ"),
+        "distro": str(os_.get("distro", "")),
+        "version": str(os_.get("version", "")),
+        "arch": str(os_.get("arch", "x86_64")),
+    }
+    user = data.get("vars")
+    if isinstance(user, dict):
+        out.update({str(k): str(v) for k, v in user.items()})
+    return out
+
+
+# Where variables are substituted: names, URLs and build environment values.
+_SUBST_PATHS = (("glance", "name"), ("output", "name"), ("build",))
+
+
+def _substitute(data: dict[str, Any], variables: dict[str, str], problems: list[str]) -> dict[str, Any]:
+    def sub(value: Any, where: str) -> Any:
+        if isinstance(value, str):
+            def repl(m: re.Match[str]) -> str:
+                var = m.group(1)
+                if var in variables:
+                    return variables[var]
+                problems.append(f"{where}: unknown variable {{{var}}} (known: {', '.join(sorted(variables))})")
+                return m.group(0)
+
+            return _VAR_RE.sub(repl, value)
+        if isinstance(value, dict):
+            return {k: sub(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = dict(data)
+    for path in _SUBST_PATHS:
+        node: Any = out
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = sub(node[path[-1]], ".".join(path))
+    return out
+
+
+def _copy(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
+    parts: list[str] = []
+    cur = data
+    for el in loc:
+        if isinstance(el, int):
+            parts.append(f"[{el}]")
+            cur = cur[el] if isinstance(cur, list) and 0 <= el < len(cur) else None
+            continue
+        el = str(el)
+        if isinstance(cur, dict) and el not in cur and el in (cur.get("op"), cur.get("method")):
+            continue  # the tag pydantic adds for a discriminated union
+        if "[" in el or "(" in el:
+            continue
+        parts.append(("." if parts else "") + el)
+        cur = cur.get(el) if isinstance(cur, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+_TYPE_WORDS = {
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "missing": "required field is missing",
+}
+
+
+def _message(err: Any) -> str:
+    typ = err["type"]
+    if typ in _TYPE_WORDS:
+        msg = _TYPE_WORDS[typ]
+        if typ != "missing":
+            msg += f", got {_describe(err.get('input'))}"
+        return msg
+    ctx = err.get("ctx") or {}
+    if typ == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1)
+        return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if typ == "literal_error":
+        return f"expected one of {ctx.get('expected', '')}, got {_describe(err.get('input'))}"
+    if typ == "union_tag_invalid":
+        return f"unknown value '{ctx.get('tag')}' (expected one of {ctx.get('expected_tags')})"
+    if typ == "union_tag_not_found":
+        return f"missing '{ctx.get('discriminator', '').strip(chr(39))}' (what kind of entry this is)"
+    if typ == "too_short":
+        return "must not be empty"
+    if typ in ("greater_than_equal", "greater_than"):
+        return f"must be {'>=' if typ.endswith('equal') else '>'} {ctx.get('ge', ctx.get('gt'))}"
+    msg = str(err.get("msg", typ))
+    return msg.removeprefix("Value error, ")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"'{value[:40]}'"
+    if isinstance(value, int | float):
+        return f"{type(value).__name__} {value}"
+    return type(value).__name__
+
+
+def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datetime | None = None) -> Recipe:
+    """Validate a merged recipe mapping; raise RecipeError listing every problem."""
+    raw_digest = hashlib.sha256(json.dumps(_copy(data), sort_keys=True).encode()).hexdigest()
+    if data.get("abstract") is True:
+        raise RecipeError(f"{source}: recipe is abstract (a base for others to extend), it cannot be used directly")
+    body = {k: v for k, v in data.items() if k not in META_KEYS}
+    problems: list[str] = []
+    variables = builtin_vars(body, now)
+    body = _substitute(_copy(body), variables, problems)
+    try:
+        recipe = Recipe.model_validate(body)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(f"{_format_loc(tuple(err['loc']), body)}: {_message(err)}")
+        recipe = None
+    if problems:
+        n = len(problems)
+        raise RecipeError(
+            f"{source}: {n} problem{'s' if n != 1 else ''} in recipe",
+            "fix the fields listed; 'imagekit recipes show NAME' prints a recipe as it is resolved",
+            problems,
+        )
+    assert recipe is not None
+    return recipe.model_copy(update={"source": source, "digest": raw_digest})
+
+
+def load(ref: str | Path, now: _dt.datetime | None = None) -> Recipe:
+    """Load a recipe by name (search path) or by file path, resolving ``extends``."""
+    data, path = _resolve_raw(ref)
+    return validate_data(data, str(path), now)
+
+
+def list_recipes() -> list[tuple[str, Path, dict[str, Any]]]:
+    """(name, file, raw data) for every recipe in the search path, abstract ones included."""
+    out = []
+    for name, path in sorted(_recipe_files().items()):
+        try:
+            data = _read_yaml(path)
+        except RecipeError:
+            data = {}
+        out.append((name, path, data))
+    return out
