@@ -1,0 +1,343 @@
+"""Convert any accepted input to a verified image (qcow2 by default).
+
+The path: check the input (an unsafe input is refused before qemu-img opens it),
+run ``qemu-img convert`` with the *detected* format (``-f``), under resource
+limits and a timeout, into a temporary name next to the output; then check the
+result (imagekit's own check plus ``qemu-img check``), compare it with the input
+(``qemu-img compare``), hash it, and only then rename it to the final name.
+Any failure or interruption removes the temporary file: nothing half-written
+ever carries the final name, and the input is never modified.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagekit import run as runner
+from imagekit.artifact import Artifact, hash_file
+from imagekit.check import check
+from imagekit.errors import ImagekitError, ImageReadError, OutputExistsError, ToolFailed, UnsafeImageError, UsageError
+from imagekit.verdict import Verdict
+
+log = logging.getLogger("imagekit.convert")
+
+OUT_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc")
+# imagekit format name -> qemu-img -f name
+QEMU_NAME = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vpc": "vpc", "vhdx": "vhdx",
+             "vdi": "vdi", "iso": "raw"}
+SUFFIX = {"qcow2": ".qcow2", "raw": ".raw", "vmdk": ".vmdk", "vhdx": ".vhdx", "vpc": ".vhd"}
+# formats `qemu-img check` knows; others answer 63 "format has no check"
+CHECKABLE = {"qcow2", "vmdk", "vhdx", "vdi"}
+# qemu-img runs on untrusted input: bound its CPU time and address space
+LIMITS = runner.Limits(cpu_seconds=6 * 3600, address_space=4 << 30)
+_PROGRESS_RE = re.compile(r"\(\s*([0-9.]+)/100%\)")
+
+Progress = Callable[[str, float], None]  # (phase, fraction 0..1)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    out_format: str = "qcow2"
+    compat: str = "1.1"
+    cluster_size: int | None = None
+    compress: str | None = None  # zlib | zstd
+    preallocation: str | None = None  # off | metadata | falloc | full
+    keep_snapshots: bool = False
+    force: bool = False
+    max_virtual_size: int | None = None
+    timeout: float = 6 * 3600
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    input: Artifact
+    output: Artifact
+    input_verdict: Verdict
+    output_verdict: Verdict
+    qemu_check: str
+    compare: str
+    notes: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "verdict": self.output_verdict.verdict,
+            "input_verdict": self.input_verdict.verdict,
+            "output_findings": [f.to_dict() for f in self.output_verdict.findings],
+            "input_findings": [f.to_dict() for f in self.input_verdict.findings],
+            "qemu_img_check": self.qemu_check,
+            "compare": self.compare,
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+        }
+
+
+class InstallerIsoError(ImagekitError):
+    """An ISO that cannot boot as a disk was given to convert without --force."""
+
+    exit_code = 2
+
+
+class DiskFullError(ImagekitError):
+    pass
+
+
+def default_output(src: Path, out_format: str) -> Path:
+    out = src.with_suffix(SUFFIX[out_format])
+    if out == src:
+        out = src.with_name(f"{src.stem}-converted{SUFFIX[out_format]}")
+    return out
+
+
+def temp_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.imagekit-{os.getpid()}.part")
+
+
+def _detected(verdict: Verdict) -> dict[str, object]:
+    det = verdict.details.get("detection")
+    return det if isinstance(det, dict) else {}
+
+
+def _input_format(verdict: Verdict, force: bool, notes: list[str]) -> str:
+    """The qemu-img -f name for the checked input; ISO policy applied here."""
+    det = _detected(verdict)
+    fmt = verdict.format or "raw"
+    if fmt == "iso":
+        if det.get("hybrid"):
+            notes.append("hybrid ISO (it carries a partition table): converted as a bootable disk")
+        elif force:
+            notes.append("installer-only ISO converted with --force: the result will not boot as a disk")
+        else:
+            raise InstallerIsoError(
+                f"{verdict.path} is an installer ISO without a partition table: it cannot boot as a disk",
+                "upload it as it is (imagekit upload --disk-format iso) or use it as install media in a recipe; "
+                "--force converts it anyway",
+            )
+    qfmt = det.get("qemu_format") if fmt != "iso" else "raw"
+    name = str(qfmt or QEMU_NAME.get(fmt, ""))
+    if name not in QEMU_NAME.values():
+        raise UsageError(f"cannot convert from format {fmt!r}")
+    return name
+
+
+def _convert_options(opts: ConvertOptions) -> list[str]:
+    o: list[str] = []
+    if opts.out_format == "qcow2":
+        o.append(f"compat={opts.compat}")
+        if opts.cluster_size:
+            o.append(f"cluster_size={opts.cluster_size}")
+        if opts.compress:
+            o.append(f"compression_type={opts.compress}")
+    if opts.preallocation:
+        o.append(f"preallocation={opts.preallocation}")
+    if opts.out_format == "vmdk":
+        o.append("subformat=streamOptimized" if opts.compress else "subformat=monolithicSparse")
+    return ["-o", ",".join(o)] if o else []
+
+
+def _space_error(exc: ToolFailed, out: Path) -> ImagekitError | None:
+    text = (exc.output or exc.message).lower()
+    if "no space left" in text or "enospc" in text or "disk quota" in text:
+        return DiskFullError(
+            f"the disk filled up while writing {out}; the partial output was removed",
+            f"free space on {out.parent} or write the output elsewhere with -o",
+        )
+    return None
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None,
+            opts: ConvertOptions | None = None, progress: Progress | None = None) -> ConvertResult:
+    opts = opts or ConvertOptions()
+    if opts.out_format not in OUT_FORMATS:
+        raise UsageError(f"unknown output format {opts.out_format!r}", f"use one of: {', '.join(OUT_FORMATS)}")
+    if opts.compress and opts.out_format != "qcow2":
+        raise UsageError("--compress is only possible with -O qcow2")
+    if opts.compress == "zstd" and opts.compat == "0.10":
+        raise UsageError("zstd compression needs --compat 1.1")
+    src_path = Path(src)
+    out = Path(dst) if dst is not None else default_output(src_path, opts.out_format)
+    if out.is_dir():
+        out = out / default_output(src_path, opts.out_format).name
+    if out.exists() and out.resolve() == src_path.resolve():
+        raise UsageError("the output would overwrite the input", "choose another -o")
+    if out.exists() and not opts.force:
+        raise OutputExistsError(f"{out} already exists", "use --force to replace it, or -o for another name")
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist")
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+
+    t = time.monotonic()
+    in_verdict = check(src_path, max_virtual_size=opts.max_virtual_size)
+    seconds["check_input"] = round(time.monotonic() - t, 3)
+    if not in_verdict.ok:
+        raise UnsafeImageError(
+            f"{src_path} failed the safety check ({', '.join(in_verdict.codes())}); it was not converted",
+            "run 'imagekit check' on it for details; never convert images you cannot trust",
+            in_verdict,
+        )
+    in_fmt = _input_format(in_verdict, opts.force, notes)
+    if opts.keep_snapshots and not (in_fmt == "qcow2" and opts.out_format == "qcow2"):
+        raise UsageError("--keep-snapshots needs a qcow2 input and qcow2 output")
+    snapshots = _snapshot_count(in_verdict)
+    if snapshots and not opts.keep_snapshots:
+        notes.append(f"{snapshots} internal snapshot(s) dropped (use --keep-snapshots to keep them)")
+
+    tmp = temp_name(out)
+    ok = False
+    try:
+        t = time.monotonic()
+        if opts.keep_snapshots:
+            _copy_keeping_snapshots(src_path, tmp, opts)
+        else:
+            argv = ["qemu-img", "convert", "-p", "-f", in_fmt, "-O", opts.out_format, *_convert_options(opts)]
+            if opts.compress:
+                argv.append("-c")
+            argv += [str(src_path), str(tmp)]
+
+            def on_line(line: str) -> None:
+                m = _PROGRESS_RE.search(line)
+                if m and progress is not None:
+                    progress("convert", float(m.group(1)) / 100.0)
+
+            try:
+                runner.run(argv, timeout=opts.timeout, limits=LIMITS, on_output=on_line)
+            except ToolFailed as exc:
+                raise (_space_error(exc, out) or exc) from exc
+        seconds["convert"] = round(time.monotonic() - t, 3)
+        if progress is not None:
+            progress("convert", 1.0)
+
+        t = time.monotonic()
+        out_verdict, qcheck, cmp, digest = _verify_output(src_path, in_fmt, tmp, opts, progress)
+        seconds["verify"] = round(time.monotonic() - t, 3)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        ok = True
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"the disk filled up while writing {out}; the partial output was removed",
+                                f"free space on {out.parent} or write elsewhere with -o") from exc
+        raise ImagekitError(f"conversion failed: {exc}") from exc
+    finally:
+        if not ok:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    in_art = Artifact(str(src_path), in_verdict.format or "raw", int(_vsize(in_verdict) or 0), src_path.stat().st_size)
+    det_out = _detected(out_verdict)
+    fmt_info = out_verdict.details.get("format_info")
+    compat = None
+    if isinstance(fmt_info, dict) and isinstance(fmt_info.get("info"), dict):
+        compat = fmt_info["info"].get("compat")
+    out_art = Artifact(str(out), out_verdict.format or opts.out_format, int(_vsize(out_verdict) or 0),
+                       out.stat().st_size, digest, compat)
+    del det_out
+    return ConvertResult(in_art, out_art, in_verdict, out_verdict, qcheck, cmp, tuple(notes), seconds)
+
+
+def _vsize(v: Verdict) -> int | None:
+    vs = v.details.get("virtual_size")
+    if isinstance(vs, int):
+        return vs
+    det = _detected(v)
+    d = det.get("virtual_size")
+    return d if isinstance(d, int) else None
+
+
+def _snapshot_count(v: Verdict) -> int:
+    info = v.details.get("format_info")
+    if isinstance(info, dict) and isinstance(info.get("info"), dict):
+        snaps = info["info"].get("snapshots")
+        if isinstance(snaps, list | tuple):
+            return len(snaps)
+    return 0
+
+
+def _copy_keeping_snapshots(src: Path, tmp: Path, opts: ConvertOptions) -> None:
+    """qcow2 -> qcow2 with internal snapshots: copy, then repair leaks and the dirty bit."""
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 8 << 20)
+    runner.run(["qemu-img", "check", "-q", "-r", "all", "-f", "qcow2", str(tmp)], timeout=opts.timeout,
+               limits=LIMITS, check=False)
+    runner.run(["qemu-img", "amend", "-f", "qcow2", "-o", f"compat={opts.compat}", str(tmp)],
+               timeout=opts.timeout, limits=LIMITS)
+
+
+def _verify_output(src: Path, in_fmt: str, tmp: Path, opts: ConvertOptions,
+                   progress: Progress | None) -> tuple[Verdict, str, str, str]:
+    """Check the written output, compare it with the input, and hash it (hash runs alongside)."""
+    digest: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def do_hash() -> None:
+        try:
+            digest.update(hash_file(tmp))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    hasher = threading.Thread(target=do_hash, daemon=True)
+    hasher.start()
+    try:
+        out_verdict = check(tmp, declared=opts.out_format)
+        if not out_verdict.ok:
+            raise UnsafeImageError(
+                f"the converted output failed imagekit's check ({', '.join(out_verdict.codes())}); it was removed",
+                "this is unexpected: report it with the input's 'imagekit inspect --json'",
+                out_verdict,
+            )
+        qcheck = "not applicable"
+        if opts.out_format in CHECKABLE:
+            res = runner.run(["qemu-img", "check", "-q", "-f", opts.out_format, str(tmp)], timeout=opts.timeout,
+                             limits=LIMITS, check=False)
+            if res.returncode != 0:
+                raise ImagekitError(
+                    f"qemu-img check found problems in the converted output (exit {res.returncode}); it was removed",
+                    (res.stderr or res.stdout).strip()[-500:] or None,
+                )
+            qcheck = "consistent"
+        if progress is not None:
+            progress("compare", 0.0)
+        cmp_argv = ["qemu-img", "compare", "-f", in_fmt, "-F", opts.out_format, str(src), str(tmp)]
+        res = runner.run(cmp_argv, timeout=opts.timeout, limits=LIMITS, check=False)
+        if res.returncode == 1:
+            raise ImagekitError(f"the converted output differs from the input: {res.stdout.strip()}; it was removed",
+                                "the conversion is not trustworthy; try again, and report it if it repeats")
+        if res.returncode != 0:
+            raise runner.failed(res)
+        if progress is not None:
+            progress("compare", 1.0)
+    finally:
+        hasher.join()
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, ImageReadError):
+            raise exc
+        raise ImagekitError(f"hashing the output failed: {exc}")
+    return out_verdict, qcheck, "identical", digest["sha256"]
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
