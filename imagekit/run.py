@@ -103,6 +103,7 @@ def run(
     limits: Limits | None = None,
     on_output: Callable[[str], None] | None = None,
     input_text: str | None = None,
+    merge_stderr: bool = False,
 ) -> Completed:
     """Run ``argv`` and wait for it, at most ``timeout`` seconds.
 
@@ -110,6 +111,7 @@ def run(
     returns, so progress lines such as qemu-img's ``-p`` arrive as they are
     printed). The child runs in its own process group; on timeout or Ctrl-C the
     whole group is terminated, so no helper process outlives the call.
+    ``merge_stderr`` sends stderr through ``on_output`` too (build logs).
     """
     argv = [str(a) for a in argv]
     secrets = list(secrets)
@@ -127,7 +129,7 @@ def run(
             argv,
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             text=True,
             errors="replace",
             env=full_env,
@@ -164,7 +166,8 @@ def run(
             on_output(buf)
 
     def read_stderr() -> None:
-        assert proc.stderr is not None
+        if proc.stderr is None:
+            return
         for line in proc.stderr:
             err_tail.append(line)
             log.debug("%s: %s", os.path.basename(program), line.rstrip())
@@ -191,6 +194,8 @@ def run(
         t.join(timeout=5)
     stdout = "".join(out_chunks)
     stderr = "".join(err_tail)
+    if merge_stderr:
+        stdout = "".join(stdout.splitlines(keepends=True)[-OUTPUT_TAIL_LINES * 4:])
     for s in secrets:
         if s:
             stdout = stdout.replace(s, MASK)

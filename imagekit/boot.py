@@ -1,0 +1,128 @@
+"""Boot an image under QEMU and watch its serial console.
+
+The image is attached read-only in effect (``snapshot=on``: writes go to a
+throw-away overlay), with a cloud-init NoCloud seed (an ISO labelled ``cidata``
+made with pycdlib) whose runcmd prints a marker, so a boot is proved both by
+the login prompt and by cloud-init having run. QEMU uses the accelerator
+chosen by ``imagekit.accel``; the whole run is bounded by a timeout and QEMU is
+always stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from imagekit import accel
+from imagekit.errors import ImagekitError
+
+log = logging.getLogger("imagekit.boot")
+
+MARKER = "IMAGEKIT-BOOT-OK"
+LOGIN_RE = re.compile(r"login:\s*$", re.MULTILINE)
+CLOUD_FINAL_RE = re.compile(r"Cloud-init v\. \S+ finished")
+
+
+class BootError(ImagekitError):
+    pass
+
+
+@dataclass(frozen=True)
+class BootResult:
+    ok: bool
+    seconds: float
+    reached: tuple[str, ...]
+    accel: str
+    console_tail: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def nocloud_seed(path: Path, hostname: str = "imagekit-boot-test") -> Path:
+    """A NoCloud seed ISO (volume ``cidata``) whose user-data echoes MARKER to the console."""
+    import pycdlib
+
+    user_data = (
+        "#cloud-config\n"
+        f"runcmd:\n  - [sh, -c, 'echo {MARKER} > /dev/ttyS0; echo {MARKER} > /dev/console']\n"
+    ).encode()
+    meta_data = f"instance-id: {hostname}\nlocal-hostname: {hostname}\n".encode()
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    for name, data in (("user-data", user_data), ("meta-data", meta_data)):
+        iso_name = "/" + name.replace("-", "").upper()[:8] + ".;1"
+        iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path="/" + name)
+    iso.write(str(path))
+    iso.close()
+    return path
+
+
+def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memory_mib: int = 1024,
+         wait_for: str = "cloud-init", accel_name: str | None = None, console_log: Path | None = None) -> BootResult:
+    """Boot ``image`` (format ``fmt``) until it reaches ``wait_for``: ``login`` or ``cloud-init``."""
+    choice = accel.resolve(accel_name)
+    qemu = accel.qemu_system_binary()
+    if qemu is None:
+        raise BootError("qemu-system is not installed", "run 'make setup'")
+    if fmt not in ("qcow2", "raw"):
+        raise BootError(f"boot tests take qcow2 or raw images, not {fmt}")
+    start = time.monotonic()
+    reached: list[str] = []
+    tail = ""
+    with tempfile.TemporaryDirectory(prefix="imagekit-boot-") as tmp:
+        seed = nocloud_seed(Path(tmp) / "seed.iso")
+        argv = [
+            qemu, *accel.qemu_accel_args(choice), "-machine", "pc", "-m", str(memory_mib), "-smp", "1",
+            "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio", "-monitor", "none",
+            "-drive", f"file={os.fspath(image)},format={fmt},if=virtio,snapshot=on",
+            "-drive", f"file={seed},format=raw,if=virtio,readonly=on",
+            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0",
+        ]
+        log.info("run: %s", " ".join(argv))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        buf = b""
+        logf = open(console_log, "wb") if console_log else None  # noqa: SIM115 - closed in finally
+        try:
+            while time.monotonic() - start < timeout:
+                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+                if not ready:
+                    if proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                if logf:
+                    logf.write(chunk)
+                buf = (buf + chunk)[-65536:]
+                text = buf.decode(errors="replace")
+                if "login" not in reached and LOGIN_RE.search(text):
+                    reached.append("login")
+                if "cloud-init" not in reached and (MARKER in text or CLOUD_FINAL_RE.search(text)):
+                    reached.append("cloud-init")
+                if wait_for in reached:
+                    break
+        finally:
+            if logf:
+                logf.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        tail = "\n".join(buf.decode(errors="replace").splitlines()[-30:])
+    return BootResult(wait_for in reached, round(time.monotonic() - start, 1), tuple(reached), choice.accel, tail)
