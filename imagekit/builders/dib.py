@@ -159,6 +159,7 @@ def build(recipe: Recipe, out: Path, *, workdir: Path | None = None, log_path: P
     env["ELEMENTS_PATH"] = os.pathsep.join(str(p) for p in element_paths(extra_elements))
     env["TMP_DIR"] = str(work)
     env["DIB_SHOW_IMAGE_USAGE"] = "0"
+    env["IMAGEKIT_RECIPE"] = recipe.name
     env.setdefault("DIB_IMAGE_CACHE", str(Path.home() / ".cache" / "image-create"))
     path_dirs = [str(Path(sys.executable).parent)]
     if use_partloop:
