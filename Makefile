@@ -40,7 +40,7 @@ $(STAMP_APT):
 	@touch $@
 
 $(STAMP_PIP): $(STAMP_APT) pyproject.toml
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,server]'
 	@touch $@
 
 test: setup

@@ -1,0 +1,655 @@
+"""Publish images to Glance: check, upload (streaming, hashed in the same pass), verify, reuse, rotate.
+
+``upload(cloud, path, options, progress)``:
+
+1. ``check()`` the file; a rejected image raises UnsafeImageError before
+   anything is created in Glance. ``disk_format`` comes from the DETECTED format
+   (never the extension), ``container_format`` is ``bare``, ``min_disk`` is the
+   virtual size in GiB rounded up.
+2. Properties: the recipe's profile + ``glance.properties`` + ``--property``,
+   linted (``imagekit.properties``); an inconsistent set raises before upload.
+3. Idempotency: an active image with the same name, the same size and the same
+   sha512 (``os_hash_value``) is reused (``force_upload`` overrides). The local
+   digest is only computed ahead when such a candidate exists (one extra pass);
+   otherwise the file is read exactly once, by the upload.
+4. The image record is created with ``imagekit_incomplete=true``; the data is
+   streamed through ``HashingReader`` (sha512 + md5 of exactly the bytes sent)
+   by one of the import methods ``direct`` (PUT), ``glance-direct`` (stage +
+   import) or ``web-download`` (the server fetches ``url``).
+5. Glance's ``size``, ``checksum`` and ``os_hash_algo``/``os_hash_value`` must
+   equal the local ones; then ``imagekit_incomplete`` is removed and
+   ``protected`` set. Any failure (mismatch, server error, server gone,
+   Ctrl-C) deletes the record; when even that is impossible the error says so
+   and the record keeps ``imagekit_incomplete=true`` (and is not active).
+
+``list_images`` / ``prune`` implement rotation by name prefix: the newest
+``keep`` images (by ``created_at``) stay, older ones are hidden, deactivated or
+deleted; protected images are never touched and do not count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from imagekit import properties as props_mod
+from imagekit.cloud import Cloud, CloudError, translate
+from imagekit.errors import ImagekitError, ImageReadError, UnsafeImageError, UsageError
+
+if TYPE_CHECKING:
+    from imagekit.recipe import Recipe
+
+log = logging.getLogger("imagekit.glance")
+
+Progress = Callable[[str, float], None]
+ImportMethod = Literal["direct", "glance-direct", "web-download"]
+PruneAction = Literal["hide", "deactivate", "delete"]
+
+GiB = 1 << 30
+CHUNK = 1 << 20
+SEND_CHUNK = 4 << 20
+INCOMPLETE = "imagekit_incomplete"
+# imagekit format name (check()/detect()) -> Glance disk_format
+DISK_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vhd": "vhd", "vpc": "vhd", "vhdx": "vhdx", "vmdk": "vmdk",
+                "vdi": "vdi", "iso": "iso"}
+IMPORT_TIMEOUT = 1800.0
+
+
+class GlanceError(ImagekitError):
+    """An upload, import or verification against Glance failed."""
+
+
+class VerifyError(GlanceError):
+    """Glance stored something else than what was sent (size or digest differ)."""
+
+
+# ---------------------------------------------------------------- hashing reader
+
+
+class HashingReader:
+    """A file-like object that hashes (sha512, md5, ...) exactly the bytes it yields.
+
+    The upload reads the file through it once; ``digests()`` then describe what
+    was sent. Each algorithm runs in its own thread (hashlib releases the GIL), fed
+    the chunks ``read()`` returns, so hashing overlaps with sending instead of
+    delaying it. ``progress(phase, fraction)`` is called as chunks are read.
+    """
+
+    QUEUE_CHUNKS = 8
+
+    def __init__(self, path: str | os.PathLike[str], algorithms: tuple[str, ...] = ("sha512", "md5"),
+                 progress: Progress | None = None, phase: str = "upload") -> None:
+        try:
+            self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()/context
+        except OSError as exc:
+            raise ImageReadError(f"cannot read {path}: {exc.strerror}") from exc
+        self.path = os.fspath(path)
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._hashers = {a: hashlib.new(a) for a in algorithms}
+        self._queues: dict[str, queue.Queue[bytes | None]] = {
+            a: queue.Queue(maxsize=self.QUEUE_CHUNKS) for a in algorithms}
+        self._threads = [threading.Thread(target=self._hash_loop, args=(a,), daemon=True,
+                                          name=f"imagekit-{a}") for a in algorithms]
+        for t in self._threads:
+            t.start()
+        self._finished = False
+        self.bytes_read = 0
+        self._progress = progress
+        self._phase = phase
+        self._last = -1.0
+        try:
+            os.posix_fadvise(self._f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+
+    def _hash_loop(self, algo: str) -> None:
+        h, q = self._hashers[algo], self._queues[algo]
+        while True:
+            chunk = q.get()
+            if chunk is None:
+                return
+            h.update(chunk)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._finished:
+            return b""
+        if n is None or n < 0:
+            n = max(self.size - self.bytes_read, CHUNK)
+        data = self._f.read(n)
+        if data:
+            for q in self._queues.values():
+                q.put(data)
+            self.bytes_read += len(data)
+            if self._progress is not None and self.size:
+                frac = self.bytes_read / self.size
+                if frac - self._last >= 0.002 or frac >= 1.0:
+                    self._last = frac
+                    self._progress(self._phase, frac)
+        return data or b""
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            for q in self._queues.values():
+                q.put(None)
+            for t in self._threads:
+                t.join()
+
+    def digests(self) -> dict[str, str]:
+        """The digests of every byte read so far (stops the hashing threads: call it once, at the end)."""
+        self._finish()
+        return {a: h.hexdigest() for a, h in self._hashers.items()}
+
+    def close(self) -> None:
+        self._finish()
+        self._f.close()
+
+    def __enter__(self) -> HashingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def body(self, chunk: int = SEND_CHUNK) -> _Body:
+        """An iterable with a length: requests sends it with Content-Length (not chunked) in big pieces."""
+        return _Body(self, chunk)
+
+
+class _Body:
+    """What requests/urllib3 send: iterable (no ``read``, so urllib3 does not fall back to 16 KiB reads)
+    and sized (so the request has a Content-Length instead of chunked transfer encoding, which the WSGI
+    server decodes far more slowly)."""
+
+    def __init__(self, reader: HashingReader, chunk: int) -> None:
+        self._reader = reader
+        self._chunk = chunk
+
+    def __len__(self) -> int:
+        return self._reader.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            data = self._reader.read(self._chunk)
+            if not data:
+                return
+            yield data
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class UploadOptions:
+    name: str | None = None
+    recipe: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    visibility: str | None = None
+    tags: list[str] = field(default_factory=list)
+    protected: bool | None = None
+    min_ram: int | None = None
+    import_method: ImportMethod = "direct"
+    url: str | None = None
+    disk_format: str | None = None  # only for web-download without a local file
+    force_upload: bool = False
+    prune_keep: int | None = None
+    prune_action: PruneAction = "hide"
+    prune_prefix: str | None = None
+    max_virtual_size: int | None = None
+    import_timeout: float = IMPORT_TIMEOUT
+
+
+@dataclass
+class Plan:
+    """What will be sent: everything decided before talking to the cloud."""
+
+    path: str | None
+    name: str
+    disk_format: str
+    container_format: str
+    size: int | None
+    virtual_size: int | None
+    min_disk: int
+    min_ram: int
+    visibility: str
+    protected: bool
+    tags: list[str]
+    properties: dict[str, str]
+    lint: list[props_mod.Finding]
+    verdict: str | None
+    recipe: str | None
+    import_method: str
+    url: str | None
+    prune_prefix: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lint"] = [f.to_dict() for f in self.lint]
+        return d
+
+
+def _load_recipe(ref: str | None) -> Recipe | None:
+    if ref is None:
+        return None
+    from imagekit import recipe as rec
+
+    return rec.load(ref)
+
+
+def min_disk_gib(virtual_size: int | None) -> int:
+    return 0 if not virtual_size else max(1, math.ceil(virtual_size / GiB))
+
+
+def plan(path: str | os.PathLike[str] | None, options: UploadOptions, *, lint_only: bool = False) -> Plan:
+    """Check the file and the properties; raise on an unsafe image or an inconsistent property set.
+
+    ``lint_only``: properties only (the file is not checked, may be absent).
+    """
+    from imagekit.check import check
+
+    if options.import_method not in ("direct", "glance-direct", "web-download"):
+        raise UsageError(f"unknown import method {options.import_method!r}",
+                         "use direct, glance-direct or web-download")
+    if options.import_method == "web-download":
+        if not options.url:
+            raise UsageError("--import-method web-download needs --url URL", "the URL Glance downloads from")
+    elif options.url:
+        raise UsageError("--url is only used with --import-method web-download")
+    if path is None and options.import_method != "web-download" and not lint_only:
+        raise UsageError("no image file given", "imagekit upload IMAGE --cloud NAME")
+    recipe = _load_recipe(options.recipe)
+    properties = props_mod.build(recipe, options.properties)
+    findings = props_mod.check_lint(properties, recipe)
+
+    spath = os.fspath(path) if path is not None else None
+    disk_format: str | None = None
+    size: int | None = None
+    vsize: int | None = None
+    verdict_name: str | None = None
+    if spath is not None and not lint_only:
+        v = check(spath, max_virtual_size=options.max_virtual_size)
+        verdict_name = v.verdict
+        if not v.ok:
+            raise UnsafeImageError(
+                f"{spath} is unsafe, not uploaded: {', '.join(c for c in v.codes() if c)}",
+                "nothing was sent to Glance; 'imagekit check --json' lists every finding", v)
+        disk_format = DISK_FORMATS.get(str(v.format))
+        if disk_format is None:
+            raise UsageError(f"{spath}: detected format {v.format!r} cannot be uploaded to Glance")
+        if options.disk_format and DISK_FORMATS.get(options.disk_format, options.disk_format) != disk_format:
+            raise UsageError(f"--disk-format {options.disk_format} but {spath} is {disk_format} (detected)",
+                             "the detected format is used; drop --disk-format")
+        size = Path(spath).stat().st_size
+        vs = v.details.get("virtual_size")
+        vsize = int(vs) if isinstance(vs, int) else None
+    elif options.disk_format:
+        disk_format = DISK_FORMATS.get(options.disk_format)
+        if disk_format is None:
+            raise UsageError(f"unknown --disk-format {options.disk_format!r}",
+                             f"one of: {', '.join(sorted(set(DISK_FORMATS.values())))}")
+    elif not lint_only:
+        raise UsageError("web-download without a local file needs --disk-format",
+                         "or give the local copy of the image: it is checked first and its hash verified")
+
+    name = options.name or (recipe.glance.name if recipe is not None else None)
+    if name is None:
+        name = Path(spath).name if spath else (options.url or "image").rstrip("/").rsplit("/", 1)[-1]
+    glance_conf = recipe.glance if recipe is not None else None
+    tags = list(dict.fromkeys([*(glance_conf.tags if glance_conf else []), *options.tags]))
+    min_ram = options.min_ram if options.min_ram is not None else (
+        glance_conf.min_ram if glance_conf and glance_conf.min_ram is not None else 0)
+    visibility = options.visibility or (glance_conf.visibility if glance_conf else "private")
+    protected = options.protected if options.protected is not None else bool(glance_conf and glance_conf.protected)
+    prune_prefix = options.prune_prefix or (recipe.name if recipe is not None else name)
+    return Plan(path=spath, name=name, disk_format=disk_format or "raw", container_format="bare", size=size,
+                virtual_size=vsize, min_disk=min_disk_gib(vsize), min_ram=min_ram, visibility=visibility,
+                protected=protected, tags=tags, properties=properties, lint=findings, verdict=verdict_name,
+                recipe=recipe.name if recipe is not None else None, import_method=options.import_method,
+                url=options.url, prune_prefix=prune_prefix)
+
+
+# ---------------------------------------------------------------- upload
+
+
+@dataclass
+class UploadResult:
+    image: dict[str, Any]
+    reused: bool
+    method: str
+    disk_format: str
+    size: int | None
+    sha512: str | None
+    md5: str | None
+    bytes_read: int
+    seconds: float
+    throughput_mib_s: float | None
+    verified: bool
+    cloud: dict[str, Any]
+    lint: list[dict[str, str]]
+    pruned: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+IMAGE_FIELDS = ("id", "name", "status", "disk_format", "container_format", "size", "virtual_size", "min_disk",
+                "min_ram", "visibility", "protected", "os_hidden", "checksum", "os_hash_algo", "os_hash_value",
+                "created_at", "updated_at", "tags", "owner")
+
+
+def image_dict(img: Any) -> dict[str, Any]:
+    """A glanceclient image (warlock model) as a plain dict."""
+    return {str(k): v for k, v in dict(img).items()}
+
+
+def summary(img: Mapping[str, Any]) -> dict[str, Any]:
+    base = {k: img.get(k) for k in IMAGE_FIELDS}
+    base["properties"] = {k: v for k, v in img.items() if k not in IMAGE_FIELDS and k not in
+                          ("file", "schema", "self", "locations", "direct_url", "stores")}
+    return base
+
+
+def _find_reusable(c: Cloud, plan_: Plan, progress: Progress | None) -> tuple[dict[str, Any] | None,
+                                                                              dict[str, str] | None]:
+    """(image, local digests) when an active image with this name, size and sha512 exists."""
+    if plan_.path is None or plan_.size is None:
+        return None, None
+    found = c.call("list images", lambda: [image_dict(i) for i in
+                                           c.glance.images.list(filters={"name": plan_.name, "status": "active"})])
+    same_size = [i for i in found if i.get("size") == plan_.size and i.get("os_hash_algo") == "sha512"
+                 and not i.get(INCOMPLETE)]
+    if not same_size:
+        return None, None
+    from imagekit.artifact import hash_file
+
+    log.info("an active image named %s with the same size exists: hashing the file to compare", plan_.name)
+    digests = hash_file(plan_.path, ("sha512", "md5"),
+                        progress=(lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None)
+    for img in sorted(same_size, key=lambda i: str(i.get("created_at")), reverse=True):
+        if img.get("os_hash_value") == digests["sha512"]:
+            return img, digests
+    return None, digests
+
+
+def _wait_import(c: Cloud, image_id: str, timeout: float, progress: Progress | None) -> dict[str, Any]:
+    """Poll until the image is active; raise GlanceError when the import failed or timed out."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        img = c.call("follow the import", lambda: image_dict(c.glance.images.get(image_id)))
+        status = img.get("status")
+        failed = img.get("os_glance_failed_import")
+        if status == "active":
+            if progress:
+                progress("import", 1.0)
+            return img
+        if failed or status in ("killed", "deleted", "deactivated"):
+            raise GlanceError(f"Glance failed to import the image (status {status}"
+                              + (f", failed stores: {failed}" if failed else "") + ")",
+                              "Glance only reports 'Internal Error' for failed imports: the reason is in the "
+                              "server log (inspection failure, unreachable URL, filtering)")
+        if status == "queued" and img.get("os_glance_importing_to_stores") in (None, "") and delay > 2:
+            # the import task has ended without activating the image
+            raise GlanceError(f"Glance's import task ended but the image is still {status}",
+                              "see the Glance server log for the task's error")
+        if time.monotonic() > deadline:
+            raise GlanceError(f"the import did not finish within {timeout:g} s (status {status})",
+                              "raise the timeout for big images or slow URLs")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 3.0)
+
+
+def _verify(img: Mapping[str, Any], size: int | None, digests: Mapping[str, str] | None) -> list[str]:
+    problems = []
+    if img.get("status") != "active":
+        problems.append(f"status is {img.get('status')}, not active")
+    if size is not None and img.get("size") != size:
+        problems.append(f"size {img.get('size')} != local {size}")
+    if digests:
+        algo = str(img.get("os_hash_algo") or "")
+        if algo in digests:
+            if img.get("os_hash_value") != digests[algo]:
+                problems.append(f"{algo} {str(img.get('os_hash_value'))[:16]}... != local {digests[algo][:16]}...")
+        elif algo:
+            problems.append(f"Glance hashes with {algo}, which was not computed locally")
+        else:
+            problems.append("Glance reports no os_hash_value")
+        if "md5" in digests and img.get("checksum") not in (None, digests["md5"]):
+            problems.append(f"checksum (md5) {img.get('checksum')} != local {digests['md5']}")
+    return problems
+
+
+def _put_data(c: Cloud, path: str, reader: HashingReader, what: str) -> None:
+    """PUT the file to Glance (``/file`` or ``/stage``) with a Content-Length.
+
+    The same request glanceclient's ``images.upload``/``images.stage`` make, sent
+    through the same keystoneauth1 session (auth, identity headers, TLS settings),
+    but as a sized body in 4 MiB pieces instead of glanceclient's chunked 1 MiB
+    transfer encoding: that keeps up with ``curl -T``.
+    """
+    from glanceclient import exc as gexc
+
+    url = _api_root(c.endpoint) + path
+    headers = {"Content-Type": "application/octet-stream", "x-openstack-image-size": str(reader.size)}
+
+    def put() -> None:
+        resp = c.session.request(url, "PUT", data=reader.body(), headers=headers, raise_exc=False,
+                                 connect_retries=0)
+        if resp.status_code >= 400:
+            raise gexc.from_response(resp, resp.text)
+
+    c.call(what, put)
+
+
+def _api_root(endpoint: str) -> str:
+    """The endpoint without a version suffix (catalogs may list .../v2)."""
+    return re.sub(r"/v\d+(\.\d+)?/?$", "", endpoint.rstrip("/"))
+
+
+def _discard(c: Cloud, image_id: str) -> str:
+    """Delete a failed image; say what happened. Never raises."""
+    from glanceclient import exc as gexc
+
+    try:
+        c.glance.images.delete(image_id)
+        log.warning("deleted the incomplete image %s", image_id)
+        return f"the incomplete image {image_id} was deleted"
+    except gexc.HTTPNotFound:
+        return f"the image {image_id} is already gone"
+    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
+        why = translate(exc, c.name, "delete the incomplete image", c.endpoint).message
+        try:
+            c.glance.images.update(image_id, **{INCOMPLETE: "true"})
+            marked = f"it is marked {INCOMPLETE}=true"
+        except Exception:  # noqa: BLE001
+            marked = f"it was created with {INCOMPLETE}=true and is not active"
+        log.info("could not delete the incomplete image %s: %s", image_id, why)
+        return (f"the incomplete image {image_id} could NOT be deleted ({why}); {marked}: "
+                f"delete it once the cloud answers ('openstack image delete {image_id}')")
+
+
+def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions,
+           progress: Progress | None = None, plan_: Plan | None = None) -> UploadResult:
+    """Check, upload, verify; see the module documentation. Raises ImagekitError subclasses only
+    (and KeyboardInterrupt, after deleting the incomplete image)."""
+    p = plan_ or plan(path, options)
+    t0 = time.monotonic()
+    cloud_info = c.describe()
+    lint = [f.to_dict() for f in p.lint]
+
+    pre_digests: dict[str, str] | None = None
+    if not options.force_upload and p.path is not None:
+        reuse, pre_digests = _find_reusable(c, p, progress)
+        if reuse is not None:
+            log.info("reusing image %s (same name, size and sha512)", reuse["id"])
+            return UploadResult(image=summary(reuse), reused=True, method=p.import_method,
+                                disk_format=str(reuse.get("disk_format")), size=p.size,
+                                sha512=pre_digests["sha512"] if pre_digests else None,
+                                md5=pre_digests.get("md5") if pre_digests else None,
+                                bytes_read=p.size or 0, seconds=round(time.monotonic() - t0, 3),
+                                throughput_mib_s=None, verified=True, cloud=cloud_info, lint=lint)
+
+    create_kwargs: dict[str, Any] = dict(p.properties)
+    create_kwargs.update(name=p.name, disk_format=p.disk_format, container_format=p.container_format,
+                         visibility=p.visibility, min_disk=p.min_disk, min_ram=p.min_ram, tags=p.tags)
+    create_kwargs[INCOMPLETE] = "true"
+    image_id: str | None = None
+    digests: dict[str, str] | None = None
+    bytes_read = 0
+    t_data = time.monotonic()
+    try:
+        img = c.call("create the image record", lambda: image_dict(c.glance.images.create(**create_kwargs)))
+        image_id = str(img["id"])
+        log.info("created image %s (%s, %s)", image_id, p.name, p.disk_format)
+        if p.import_method in ("direct", "glance-direct"):
+            assert p.path is not None
+            t_data = time.monotonic()
+            with HashingReader(p.path, progress=progress) as reader:
+                if p.import_method == "direct":
+                    _put_data(c, f"/v2/images/{image_id}/file", reader, "upload the image data")
+                else:
+                    _put_data(c, f"/v2/images/{image_id}/stage", reader, "stage the image data")
+                digests = reader.digests()
+                bytes_read = reader.bytes_read
+                if bytes_read != reader.size:
+                    raise GlanceError(f"{p.path} changed while it was uploaded ({bytes_read} bytes read, "
+                                      f"{reader.size} expected)")
+            if p.import_method == "glance-direct":
+                c.call("start the glance-direct import",
+                       lambda: c.glance.images.image_import(image_id, method="glance-direct"))
+                img = _wait_import(c, image_id, options.import_timeout, progress)
+            else:
+                img = c.call("read the image back", lambda: image_dict(c.glance.images.get(image_id)))
+        else:
+            if p.path is not None:
+                from imagekit.artifact import hash_file
+
+                digests = pre_digests or hash_file(p.path, ("sha512", "md5"), progress=(
+                    (lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None))
+                bytes_read = p.size or 0
+            t_data = time.monotonic()
+            c.call("start the web-download import",
+                   lambda: c.glance.images.image_import(image_id, method="web-download", uri=p.url))
+            img = _wait_import(c, image_id, options.import_timeout, progress)
+        data_seconds = time.monotonic() - t_data
+        problems = _verify(img, p.size, digests)
+        if problems:
+            raise VerifyError(f"Glance does not hold what was sent: {'; '.join(problems)}",
+                              "the data was altered in transit or by the server; the image was not kept")
+        final: dict[str, Any] = {}
+        if p.protected:
+            final["protected"] = True
+        img = c.call("finish the image", lambda: image_dict(
+            c.glance.images.update(image_id, remove_props=[INCOMPLETE], **final)))
+    except KeyboardInterrupt:
+        if image_id is not None:
+            log.warning("interrupted: %s", _discard(c, image_id))
+        raise
+    except ImagekitError as exc:
+        if image_id is not None:
+            done = _discard(c, image_id)
+            cls = type(exc) if isinstance(exc, GlanceError) else GlanceError
+            raise cls(f"upload of {p.path or p.url} to cloud '{c.name}' failed: {exc.message}; {done}",
+                      exc.hint) from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else: still clean up, then a typed error
+        if image_id is not None:
+            done = _discard(c, image_id)
+            raise GlanceError(f"upload of {p.path or p.url} to cloud '{c.name}' failed: "
+                              f"{type(exc).__name__}: {exc}; {done}", "run again with --debug for details") from exc
+        raise
+
+    seconds = time.monotonic() - t0
+    size = p.size if p.size is not None else img.get("size")
+    thr = (size / data_seconds / (1 << 20)) if size and data_seconds > 0 else None
+    result = UploadResult(image=summary(img), reused=False, method=p.import_method, disk_format=p.disk_format,
+                          size=size, sha512=digests.get("sha512") if digests else img.get("os_hash_value"),
+                          md5=digests.get("md5") if digests else img.get("checksum"), bytes_read=bytes_read,
+                          seconds=round(seconds, 3), throughput_mib_s=round(thr, 1) if thr else None,
+                          verified=digests is not None, cloud=cloud_info, lint=lint)
+    if options.prune_keep is not None and p.prune_prefix:
+        result.pruned = prune(c, p.prune_prefix, options.prune_keep, options.prune_action)
+    return result
+
+
+# ---------------------------------------------------------------- listing and rotation
+
+
+def list_images(c: Cloud, name_prefix: str | None = None, include_hidden: bool = True) -> list[dict[str, Any]]:
+    """Images of the cloud (hidden ones too), newest first, optionally only names starting with a prefix."""
+    def fetch() -> list[dict[str, Any]]:
+        imgs = [image_dict(i) for i in c.glance.images.list()]
+        if include_hidden:
+            seen = {i["id"] for i in imgs}
+            imgs += [image_dict(i) for i in c.glance.images.list(filters={"os_hidden": True})
+                     if i["id"] not in seen]
+        return imgs
+
+    imgs = c.call("list images", fetch)
+    if name_prefix:
+        imgs = [i for i in imgs if str(i.get("name") or "").startswith(name_prefix)]
+    imgs.sort(key=lambda i: (str(i.get("created_at") or ""), str(i.get("name") or "")), reverse=True)
+    return [summary(i) for i in imgs]
+
+
+def prune(c: Cloud, name_prefix: str, keep: int, action: PruneAction = "hide",
+          dry_run: bool = False) -> dict[str, Any]:
+    """Keep the ``keep`` newest unprotected images whose name starts with ``name_prefix``; act on the rest."""
+    if not name_prefix:
+        raise UsageError("prune needs a non-empty --name-prefix")
+    if keep < 0:
+        raise UsageError("--keep must be >= 0")
+    if action not in ("hide", "deactivate", "delete"):
+        raise UsageError(f"unknown prune action {action!r}")
+    images = list_images(c, name_prefix)
+    rows: list[dict[str, Any]] = []
+    kept = 0
+    for img in images:
+        row = {"id": img["id"], "name": img["name"], "created_at": img["created_at"], "status": img["status"],
+               "protected": bool(img.get("protected")), "os_hidden": bool(img.get("os_hidden"))}
+        if row["protected"]:
+            row.update(action="skip", reason="protected")
+        elif img.get("status") not in ("active", "deactivated"):
+            row.update(action="skip", reason=f"status {img.get('status')}")
+        elif kept < keep:
+            kept += 1
+            row.update(action="keep", reason=f"one of the {keep} newest")
+        elif action == "hide" and row["os_hidden"]:
+            row.update(action="skip", reason="already hidden")
+        elif action == "deactivate" and img.get("status") == "deactivated":
+            row.update(action="skip", reason="already deactivated")
+        else:
+            row.update(action=action, reason=f"older than the {keep} newest")
+        rows.append(row)
+    done = 0
+    if not dry_run:
+        for row in rows:
+            image_id = row["id"]
+            if row["action"] == "hide":
+                c.call(f"hide image {image_id}", lambda i=image_id: c.glance.images.update(i, os_hidden=True))
+            elif row["action"] == "deactivate":
+                c.call(f"deactivate image {image_id}", lambda i=image_id: c.glance.images.deactivate(i))
+            elif row["action"] == "delete":
+                c.call(f"delete image {image_id}", lambda i=image_id: c.glance.images.delete(i))
+            else:
+                continue
+            done += 1
+            log.info("%s image %s (%s)", row["action"], image_id, row["name"])
+    return {"name_prefix": name_prefix, "keep": keep, "action": action, "dry_run": dry_run,
+            "changed": done, "images": rows}
+
+
+__all__ = ["CloudError", "GlanceError", "HashingReader", "Plan", "UploadOptions", "UploadResult", "VerifyError",
+           "list_images", "plan", "prune", "upload"]

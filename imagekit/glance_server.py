@@ -1,0 +1,448 @@
+"""A real Glance API on 127.0.0.1 for everyone without a cloud account.
+
+``serve()`` runs the ``glance`` package from PyPI (the ``server`` extra) under
+gunicorn with SQLite and a file store, each instance in its own directory:
+
+    HOME/etc/      glance-api.conf, glance-api-paste.ini
+    HOME/data/     glance.sqlite, images/, staging/, tasks/, cache/ (or --dir)
+    HOME/server.json, HOME/server.log
+
+``HOME`` defaults to ``paths.state_dir()/glance``. There is no Keystone: the
+paste pipeline is Glance's keystone pipeline minus ``authtoken``, so every
+request must carry the identity headers (``X-Identity-Status: Confirmed``, a
+project, a user, roles) that ``imagekit.cloud`` sends for the clouds.yaml entry
+written here (cloud ``imagekit-local``, ``auth_type: none``).
+
+The server is the one long-running program imagekit starts: it is started with
+``subprocess.Popen`` (``imagekit.run.run`` waits for its program to finish), in
+its own process session so a Ctrl-C in the terminal does not reach it, and it is
+stopped with SIGTERM to its own PID (checked against ``/proc/PID/cmdline`` so a
+recycled PID is never signalled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imagekit import paths
+from imagekit.errors import ImagekitError
+from imagekit.run import run
+
+CLOUD_NAME = "imagekit-local"
+PROJECT_ID = "0c1b5a9e6f3d4e2a9b7c8d6e5f4a3b21"
+USER_ID = "5e2f3a1b9c8d4e7f8a6b5c4d3e2f1a09"
+ROLES = "admin,member,reader"
+IDENTITY_HEADERS = {
+    "X-Identity-Status": "Confirmed",
+    "X-Project-Id": PROJECT_ID,
+    "X-User-Id": USER_ID,
+    "X-Roles": ROLES,
+}
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+
+class GlanceServerError(ImagekitError):
+    """The local Glance cannot be started, stopped or found."""
+
+
+@dataclass
+class ServerInfo:
+    pid: int
+    port: int
+    endpoint: str
+    home: str
+    data_dir: str
+    log: str
+    started_at: str
+    start_seconds: float
+    cloud: str
+    clouds_yaml: str | None
+    running: bool = True
+    already_running: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_home() -> Path:
+    return paths.state_dir() / "glance"
+
+
+def default_clouds_yaml() -> Path:
+    """``OS_CLIENT_CONFIG_FILE`` when set, else ``~/.config/openstack/clouds.yaml``."""
+    env = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    if env:
+        return Path(env)
+    return Path.home() / ".config" / "openstack" / "clouds.yaml"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _require_glance() -> None:
+    try:
+        import glance  # noqa: F401
+        import gunicorn  # noqa: F401
+    except ImportError as exc:
+        raise GlanceServerError(
+            f"the local Glance needs the 'glance' and 'gunicorn' packages ({exc.name} is missing)",
+            "install the server extra: .venv/bin/pip install -e '.[server]' (make setup does it)",
+        ) from exc
+
+
+# ---------------------------------------------------------------- configuration
+
+_PASTE = """\
+# Written by imagekit: Glance's keystone pipeline without authtoken. Requests
+# carry X-Identity-Status / X-Project-Id / X-User-Id / X-Roles themselves.
+[composite:glance-api-imagekit]
+paste.composite_factory = glance.api:root_app_factory
+/: api
+/healthcheck: healthcheck
+
+[composite:api]
+paste.composite_factory = glance.api:pipeline_factory
+imagekit = cors http_proxy_to_wsgi versionnegotiation osprofiler context rootapp
+
+[composite:rootapp]
+paste.composite_factory = glance.api:root_app_factory
+/: apiversions
+/v2: apiv2app
+
+[app:apiversions]
+paste.app_factory = glance.api.versions:create_resource
+
+[app:apiv2app]
+paste.app_factory = glance.api.v2.router:API.factory
+
+[app:healthcheck]
+paste.app_factory = oslo_middleware:Healthcheck.app_factory
+backends = disable_by_file
+disable_by_file_path = {data}/healthcheck_disable
+
+[filter:versionnegotiation]
+paste.filter_factory = glance.api.middleware.version_negotiation:VersionNegotiationFilter.factory
+
+[filter:context]
+paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
+
+[filter:osprofiler]
+paste.filter_factory = osprofiler.web:WsgiMiddleware.factory
+
+[filter:cors]
+paste.filter_factory = oslo_middleware.cors:filter_factory
+oslo_config_project = glance
+oslo_config_program = glance-api
+
+[filter:http_proxy_to_wsgi]
+paste.filter_factory = oslo_middleware:HTTPProxyToWSGI.factory
+"""
+
+_CONF = """\
+# Written by imagekit for a loopback-only Glance (SQLite, file store, no Keystone).
+[DEFAULT]
+bind_host = 127.0.0.1
+bind_port = {port}
+workers = 1
+enabled_backends = fs:file, http:http
+enabled_import_methods = [glance-direct,web-download,copy-image]
+worker_self_reference_url = http://127.0.0.1:{port}
+image_cache_dir = {data}/cache
+show_image_direct_url = false
+use_stderr = true
+debug = false
+
+[database]
+connection = sqlite:///{data}/glance.sqlite
+
+[paste_deploy]
+flavor = imagekit
+config_file = {etc}/glance-api-paste.ini
+
+[glance_store]
+default_backend = fs
+
+[fs]
+filesystem_store_datadir = {data}/images
+
+[os_glance_staging_store]
+filesystem_store_datadir = {data}/staging
+
+[os_glance_tasks_store]
+filesystem_store_datadir = {data}/tasks
+
+[task]
+task_executor = taskflow
+
+[taskflow_executor]
+engine_mode = serial
+
+[import_filtering_opts]
+allowed_schemes = [http]
+allowed_hosts = [127.0.0.1]
+allowed_ports = []
+
+[oslo_concurrency]
+lock_path = {data}/locks
+
+[oslo_policy]
+enforce_scope = false
+"""
+
+
+def _write_config(home: Path, data: Path, port: int) -> Path:
+    etc = home / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "staging", "tasks", "cache", "locks"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    (etc / "glance-api-paste.ini").write_text(_PASTE.format(data=data), encoding="utf-8")
+    conf = etc / "glance-api.conf"
+    conf.write_text(_CONF.format(port=port, data=data, etc=etc), encoding="utf-8")
+    return conf
+
+
+def _db_sync(conf: Path, data: Path) -> None:
+    if (data / "glance.sqlite").exists() and (data / ".db-synced").exists():
+        return
+    run([sys.executable, "-c", "import sys; from glance.cmd.manage import main; sys.exit(main())",
+         "--config-file", str(conf), "db_sync"], timeout=180)
+    (data / ".db-synced").write_text("ok\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- process state
+
+
+def _state_file(home: Path) -> Path:
+    return home / "server.json"
+
+
+def _read_state(home: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_state_file(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_ours(pid: int, home: Path) -> bool:
+    """PID is alive and is the gunicorn that serves HOME (not a recycled PID)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            _reap(pid)
+            return False
+    except (OSError, IndexError):
+        pass
+    return b"gunicorn" in raw and f"imagekit-glance:{home}".encode() in raw
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _answers(endpoint: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/versions", timeout=timeout) as resp:  # noqa: S310 - loopback URL
+            return bool(resp.status < 500)
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+def _log_tail(log: Path, lines: int = 25) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- clouds.yaml
+
+
+def write_clouds_yaml(path: Path, endpoint: str, cloud: str = CLOUD_NAME) -> Path:
+    """Add or replace ``cloud`` in clouds.yaml, keeping other clouds and a ``.bak`` copy."""
+    existing: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise GlanceServerError(f"cannot read {path}: {exc}",
+                                    "fix or move the file, or point OS_CLIENT_CONFIG_FILE at another file") from exc
+        if not isinstance(loaded, dict):
+            raise GlanceServerError(f"{path} is not a YAML mapping", "fix or move the file")
+        existing = loaded
+        shutil.copy2(path, path.with_name(path.name + ".bak"))
+    clouds = existing.get("clouds")
+    if not isinstance(clouds, dict):
+        clouds = {}
+    clouds[cloud] = {
+        "auth_type": "none",
+        "auth": {"endpoint": endpoint},
+        "image_api_version": "2",
+        # Not an OpenStack key: imagekit sends these headers on every request
+        # because this Glance runs without Keystone.
+        "imagekit_identity_headers": dict(IDENTITY_HEADERS),
+    }
+    existing["clouds"] = clouds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(existing, sort_keys=False), encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- serve / stop / status
+
+
+def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
+          home: str | os.PathLike[str] | None = None, clouds_yaml: str | os.PathLike[str] | None = None,
+          write_clouds: bool = True, cloud: str = CLOUD_NAME, timeout: float = START_TIMEOUT) -> ServerInfo:
+    """Start the local Glance (or return the one already running for HOME) and wait until it answers."""
+    home_p = Path(home) if home is not None else default_home()
+    home_p = home_p.resolve()
+    current = status(home_p)
+    if current is not None and current.running:
+        current.already_running = True
+        return current
+    _require_glance()
+    data = Path(data_dir).resolve() if data_dir is not None else home_p / "data"
+    port = port or free_port()
+    if port < 1 or port > 65535:
+        raise GlanceServerError(f"port {port} is out of range")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise GlanceServerError(f"port {port} on 127.0.0.1 is in use", "choose another one with --port") from exc
+    home_p.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    conf = _write_config(home_p, data, port)
+    _db_sync(conf, data)
+    log = home_p / "server.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env["OS_GLANCE_CONFIG_DIR"] = str(conf.parent)
+    argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+            "--threads", "4", "--timeout", "600", "--graceful-timeout", "5",
+            "--name", f"imagekit-glance:{home_p}", "glance.wsgi.api:application"]
+    with open(log, "ab") as logf:
+        # Long-running server: not imagekit.run.run (which waits for its program).
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                env=env, cwd=str(home_p), start_new_session=True)
+    started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise GlanceServerError(f"the local Glance exited with status {proc.returncode} while starting:\n"
+                                    f"{_log_tail(log)}", f"full log: {log}")
+        if _answers(endpoint, timeout=1.0):
+            break
+        if time.monotonic() > deadline:
+            _terminate(proc.pid, home_p)
+            raise GlanceServerError(f"the local Glance did not answer within {timeout:g} s:\n{_log_tail(log)}",
+                                    f"full log: {log}")
+        time.sleep(0.1)
+    elapsed = round(time.monotonic() - t0, 2)
+    clouds_path = Path(clouds_yaml) if clouds_yaml is not None else default_clouds_yaml()
+    info = ServerInfo(pid=proc.pid, port=port, endpoint=endpoint, home=str(home_p), data_dir=str(data),
+                      log=str(log), started_at=started_at, start_seconds=elapsed, cloud=cloud,
+                      clouds_yaml=str(clouds_path) if write_clouds else None)
+    _state_file(home_p).write_text(json.dumps(info.to_dict(), indent=2), encoding="utf-8")
+    if write_clouds:
+        write_clouds_yaml(clouds_path, endpoint, cloud)
+    return info
+
+
+def status(home: str | os.PathLike[str] | None = None) -> ServerInfo | None:
+    """The recorded server for HOME (``running`` False when it is gone), or None if none was started."""
+    home_p = (Path(home) if home is not None else default_home()).resolve()
+    st = _read_state(home_p)
+    if st is None:
+        return None
+    try:
+        info = ServerInfo(**{k: st[k] for k in ServerInfo.__dataclass_fields__ if k in st})
+    except TypeError:
+        return None
+    info.running = _is_ours(info.pid, home_p) and _answers(info.endpoint)
+    return info
+
+
+def _terminate(pid: int, home: Path, timeout: float = STOP_TIMEOUT) -> bool:
+    """SIGTERM to PID, wait; SIGKILL to its own process group if it does not stop. True if it was running."""
+    if not _is_ours(pid, home):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not _is_ours(pid, home):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # its own session (start_new_session): only its workers
+    for _ in range(50):
+        _reap(pid)
+        if not _is_ours(pid, home):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def stop(home: str | os.PathLike[str] | None = None, timeout: float = STOP_TIMEOUT) -> dict[str, Any]:
+    """Stop the local Glance of HOME. Returns what was done; not running is not an error."""
+    home_p = (Path(home) if home is not None else default_home()).resolve()
+    st = _read_state(home_p)
+    if st is None:
+        return {"stopped": False, "reason": "no local Glance was started here", "home": str(home_p)}
+    pid = int(st.get("pid", 0))
+    was = pid > 0 and _terminate(pid, home_p, timeout)
+    with contextlib.suppress(OSError):
+        _state_file(home_p).unlink()
+    return {"stopped": was, "pid": pid, "home": str(home_p),
+            "reason": None if was else "it was not running any more"}
+
+
+def kill(home: str | os.PathLike[str]) -> None:
+    """SIGKILL the server of HOME and its workers at once (tests: a server that dies mid-upload)."""
+    home_p = Path(home).resolve()
+    st = _read_state(home_p)
+    if st is None:
+        return
+    pid = int(st.get("pid", 0))
+    if pid > 0 and _is_ours(pid, home_p):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for _ in range(50):
+            _reap(pid)
+            if not _is_ours(pid, home_p):
+                break
+            time.sleep(0.1)
