@@ -274,6 +274,24 @@ def _customise_inputs(recipe: Recipe) -> dict[str, Any]:
     return files
 
 
+def _stage(name: str, cache_name: str, key: str, inputs: dict[str, Any], recipe: Recipe, use_cache: bool,
+           say: Phase, hit_message: str, produce: Callable[[CacheEntry], dict[str, Any]],
+           shown: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d) -> tuple[CacheEntry, StageResult]:
+    """Take a stage's output from the cache, or produce it into a new cache entry (complete or not at all)."""
+    t = time.monotonic()
+    hit = _lookup(cache_name, key) if use_cache else None
+    if hit:
+        say(name, hit_message)
+        details = hit.meta().get("details", {})
+        return hit, StageResult(name, key, True, round(time.monotonic() - t, 2), str(hit.artifact), shown(details))
+    with _new_entry(cache_name, key) as entry:
+        details = produce(entry)
+        _write_meta(entry, {"stage": cache_name, "recipe": recipe.name, "key": key, "inputs": inputs,
+                            "details": details, "created": _now()})
+    done = _entry(cache_name, key)
+    return done, StageResult(name, key, False, round(time.monotonic() - t, 2), str(done.artifact), shown(details))
+
+
 def build(recipe: Recipe, output_dir: Path, *, use_cache: bool = True, upload_cloud: str | None = None,
           phase: Phase | None = None, network: bool = True) -> BuildResult:
     """Run the recipe's pipeline; return the final artifact and the manifest's path."""
@@ -291,71 +309,39 @@ def build(recipe: Recipe, output_dir: Path, *, use_cache: bool = True, upload_cl
 
     # 1. base image
     base_key, base_inputs = _base_key(recipe, versions)
-    t = time.monotonic()
-    hit = _lookup("base", base_key) if use_cache else None
-    if hit:
-        say("build", "base image from cache")
-        base_meta = hit.meta()
-        stages.append(StageResult("build", base_key, True, round(time.monotonic() - t, 2), str(hit.artifact),
-                                  base_meta.get("details", {})))
-        base = hit
-    else:
-        with _new_entry("base", base_key) as entry:
-            details = _run_builder(recipe, entry, say)
-            _write_meta(entry, {"stage": "base", "recipe": recipe.name, "key": base_key, "inputs": base_inputs,
-                                "details": details, "created": _now()})
-        base = _entry("base", base_key)
-        stages.append(StageResult("build", base_key, False, round(time.monotonic() - t, 2), str(base.artifact),
-                                  details))
+    base, st = _stage("build", "base", base_key, base_inputs, recipe, use_cache, say, "base image from cache",
+                      lambda entry: _run_builder(recipe, entry, say))
+    stages.append(st)
     base_format = base.meta()["details"].get("format", "raw")
 
     # 2. customise (+ guest inventory for the manifest)
     cust_inputs = {"steps": [s.model_dump(mode="json") for s in recipe.customise], "files": _customise_inputs(recipe),
                    "base": base_key, "guestfs": _guestfs_version(), "network": network}
-    cust_key = _digest(cust_inputs)
-    t = time.monotonic()
-    hit = _lookup("customise", cust_key) if use_cache else None
-    if hit:
-        say("customise", "customised image from cache")
-        cust = hit
-        stages.append(StageResult("customise", cust_key, True, round(time.monotonic() - t, 2), str(cust.artifact),
-                                  cust.meta().get("details", {})))
-    else:
-        with _new_entry("customise", cust_key) as entry:
-            details = _run_customise(recipe, base.artifact, base_format, entry, say, network, choice.accel)
-            _write_meta(entry, {"stage": "customise", "recipe": recipe.name, "key": cust_key,
-                                "inputs": cust_inputs, "details": details, "created": _now()})
-        cust = _entry("customise", cust_key)
-        stages.append(StageResult("customise", cust_key, False, round(time.monotonic() - t, 2), str(cust.artifact),
-                                  {k: v for k, v in details.items() if k != "packages"}))
+    cust, st = _stage("customise", "customise", _digest(cust_inputs), cust_inputs, recipe, use_cache, say,
+                      "customised image from cache",
+                      lambda entry: _run_customise(recipe, base.artifact, base_format, entry, say, network,
+                                                   choice.accel),
+                      shown=lambda d: {k: v for k, v in d.items() if k != "packages"})
+    stages.append(st)
     cust_meta = cust.meta()["details"]
 
     # 3. convert to the recipe's output
     out = recipe.output
-    conv_inputs = {"output": out.model_dump(mode="json"), "customised": cust_key, "qemu-img": versions["qemu-img"]}
-    conv_key = _digest(conv_inputs)
-    t = time.monotonic()
-    hit = _lookup("convert", conv_key) if use_cache else None
-    if hit:
-        say("convert", "converted image from cache")
-        conv = hit
-        stages.append(StageResult("convert", conv_key, True, round(time.monotonic() - t, 2), str(conv.artifact),
-                                  conv.meta()["details"]))
-    else:
+    conv_inputs = {"output": out.model_dump(mode="json"), "customised": st.key, "qemu-img": versions["qemu-img"]}
+
+    def do_convert(entry: CacheEntry) -> dict[str, Any]:
         say("convert", f"converting to {out.format}")
-        with _new_entry("convert", conv_key) as entry:
-            opts = ConvertOptions(out_format=out.format, compat=out.compat, cluster_size=parse_size(out.cluster_size)
-                                  if out.format == "qcow2" else None,
-                                  compress=None if out.compression == "none" else out.compression, force=True)
-            res = convert(cust.artifact, entry.artifact, opts)
-            details = {"sha256": res.output.sha256, "format": res.output.format, "virtual_size":
-                       res.output.virtual_size, "compat": res.output.compat, "qemu_img_check": res.qemu_check,
-                       "compare": res.compare}
-            _write_meta(entry, {"stage": "convert", "recipe": recipe.name, "key": conv_key, "inputs": conv_inputs,
-                                "details": details, "created": _now()})
-        conv = _entry("convert", conv_key)
-        stages.append(StageResult("convert", conv_key, False, round(time.monotonic() - t, 2), str(conv.artifact),
-                                  details))
+        opts = ConvertOptions(out_format=out.format, compat=out.compat,
+                              cluster_size=parse_size(out.cluster_size) if out.format == "qcow2" else None,
+                              compress=None if out.compression == "none" else out.compression, force=True)
+        res = convert(cust.artifact, entry.artifact, opts)
+        return {"sha256": res.output.sha256, "format": res.output.format, "virtual_size": res.output.virtual_size,
+                "compat": res.output.compat, "qemu_img_check": res.qemu_check, "compare": res.compare}
+
+    conv, st = _stage("convert", "convert", _digest(conv_inputs), conv_inputs, recipe, use_cache, say,
+                      "converted image from cache", do_convert)
+    stages.append(st)
+    conv_key = st.key
     conv_meta = conv.meta()["details"]
 
     # 4. place the output and check it (always: the copy is what the user gets)
@@ -460,7 +446,16 @@ def _run_customise(recipe: Recipe, base: Path, base_format: str, entry: CacheEnt
         _copy_sparse(base, entry.artifact)
         fmt = base_format
     say("customise", "inventory of the guest (packages)")
-    info = sbom.inspect_guest(entry.artifact, fmt)
+    from imagekit.guest import GuestError
+
+    try:
+        info = sbom.inspect_guest(entry.artifact, fmt)
+    except GuestError as exc:
+        if recipe.customise:
+            raise
+        log.warning("no guest inventory: %s", exc.message)
+        return {"format": fmt, "steps": steps_done, "os": {"error": exc.message}, "packages": [],
+                "accel": accel_name}
     packages = [{"name": a.get("name"), "version": a.get("version"), "arch": a.get("arch")}
                 for a in info.get("applications", [])]
     os_info = dict(info.get("os") or {})

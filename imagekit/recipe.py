@@ -705,7 +705,11 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     body = {k: v for k, v in data.items() if k not in META_KEYS}
     problems: list[str] = []
     variables = builtin_vars(body, now)
-    body = _substitute(_copy(body), variables, problems)
+    body = _copy(body)
+    for section in ("output", "glance"):  # name templates default to "{name}": substitute those too
+        if isinstance(body.get(section, {}), dict):
+            body.setdefault(section, {}).setdefault("name", "{name}")
+    body = _substitute(body, variables, problems)
     try:
         recipe = Recipe.model_validate(body)
     except ValidationError as exc:

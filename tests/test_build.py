@@ -51,7 +51,7 @@ def debian(tmp_path_factory: pytest.TempPathFactory, build_env: dict[str, str]) 
 
 def test_debian_build_output_and_manifest(debian: dict[str, Any]) -> None:
     out = Path(debian["output"]["path"])
-    assert out.is_file() and out.suffix == ".qcow2"
+    assert out.is_file() and out.name == "debian-12.qcow2"
     assert debian["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert debian["verdict"] == "accept" and debian["output"]["format"] == "qcow2"
     assert debian["output"]["virtual_size"] == 10 << 30  # the recipe's disk_size

@@ -112,6 +112,12 @@ output: {name: "{name}-{version}"}
     assert r.output.name == "tiny-12"
 
 
+def test_default_name_templates_are_substituted(tmp_path: Path) -> None:
+    r = recipe.load(write(tmp_path, "plain", GOOD))
+    assert r.output.name == "tiny" and r.glance.name == "tiny"
+    assert recipe.load("debian-12").output.name == "debian-12"
+
+
 def test_digest_is_stable_across_days(tmp_path: Path) -> None:
     p = write(tmp_path, "v", GOOD + 'glance: {name: "{name}-{date}"}\n')
     a = recipe.load(p, now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))

@@ -1,0 +1,96 @@
+"""The build pipeline on a small cloud image served from 127.0.0.1 (no OS inside, no
+customisation): stages, cache hits, --no-cache, the manifest, and a failed build
+that leaves neither an output nor a cache entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagekit import pipeline
+from imagekit import recipe as rec
+from imagekit.download import ChecksumMismatch
+from tests.http_fixture import FileServer
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("IMAGEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    www = tmp_path / "www"
+    www.mkdir()
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(b"imagekit" * (512 * 1024))
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(www / "base.qcow2")],
+                   check=True)
+    srv = FileServer(www).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def recipe_for(tmp: Path, srv: FileServer, sha: str, extra: str = "") -> rec.Recipe:
+    p = tmp / "tiny.yaml"
+    p.write_text(
+        "name: tiny\ndescription: tiny test image\nos: {type: linux, distro: debian, version: '12'}\n"
+        f"build:\n  method: cloud-image\n  base: {{url: {srv.url('base.qcow2')}, sha256: '{sha}'}}\n"
+        "disk_size: 64M\noutput: {compat: '0.10', cluster_size: 4K}\n" + extra)
+    return rec.load(p)
+
+
+def cached_entries() -> list[str]:
+    return [e["stage"] for e in pipeline.cache_list()]
+
+
+def test_pipeline_cache_and_manifest(served: FileServer, tmp_path: Path) -> None:
+    sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
+    r = recipe_for(tmp_path, served, sha)
+    first = pipeline.build(r, tmp_path / "out1")
+    assert [(s.name, s.cached) for s in first.stages] == [("build", False), ("customise", False),
+                                                           ("convert", False), ("check", False)]
+    out = Path(first.output.path)
+    assert out.name == "tiny.qcow2" and first.verdict == "accept"
+    assert first.output.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert first.output.virtual_size == 64 << 20 and first.output.compat == "0.10"
+    m = json.loads(first.manifest.read_text())
+    assert m["inputs"][0]["sha256"] == sha and m["recipe"]["digest"] == r.digest
+    assert "error" in m["guest"]["os"]  # no OS in this image: recorded, not fatal without customise steps
+    assert sorted(cached_entries()) == ["base", "convert", "customise"]
+
+    again = pipeline.build(r, tmp_path / "out2")
+    assert [s.cached for s in again.stages[:3]] == [True, True, True]
+    assert again.output.sha256 == first.output.sha256
+
+    changed = recipe_for(tmp_path, served, sha, "output: {compat: '1.1', cluster_size: 64K}\n")
+    third = pipeline.build(changed, tmp_path / "out3")
+    assert [s.cached for s in third.stages[:3]] == [True, True, False]  # only the conversion runs again
+
+    fresh = pipeline.build(r, tmp_path / "out4", use_cache=False)
+    assert not any(s.cached for s in fresh.stages)
+    assert fresh.output.sha256 == first.output.sha256
+
+
+def test_failed_build_leaves_no_output_or_cache(served: FileServer, tmp_path: Path) -> None:
+    r = recipe_for(tmp_path, served, "0" * 64)
+    with pytest.raises(ChecksumMismatch):
+        pipeline.build(r, tmp_path / "out")
+    assert cached_entries() == []
+    assert not any((tmp_path / "out").iterdir())
+    assert not any(p.name.startswith(".") for p in pipeline.cache_root().iterdir())  # no half entries
+
+
+def test_cache_prune(served: FileServer, tmp_path: Path, imagekit) -> None:
+    sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
+    pipeline.build(recipe_for(tmp_path, served, sha), tmp_path / "out")
+    env = {"IMAGEKIT_CACHE_DIR": str(tmp_path / "cache")}
+    listed = imagekit("cache", "list", "--json", env=env).json()
+    assert len(listed) == 3 and {e["recipe"] for e in listed} == {"tiny"}  # type: ignore[union-attr]
+    dry = imagekit("cache", "prune", "--recipe", "tiny", "--dry-run", env=env)
+    assert dry.code == 0 and len(cached_entries()) == 3
+    assert imagekit("cache", "prune", "--all", env=env).code == 0
+    assert cached_entries() == []
+    assert imagekit("cache", "prune", env=env).code == 2
