@@ -57,18 +57,20 @@ class Verdict:
 
 
 class Findings:
-    """A small collector used by the verifiers; caps the number of findings kept."""
+    """The collector the verifiers use: at most ``per_code`` findings kept per code and
+    ``limit`` in all; the rest are counted and summarised as ``too-many-findings``."""
 
-    def __init__(self, limit: int = 200) -> None:
+    def __init__(self, per_code: int = 20, limit: int = 500) -> None:
         self.items: list[Finding] = []
+        self.counts: dict[str, int] = {}
+        self.per_code = per_code
         self.limit = limit
-        self.dropped = 0
 
     def add(self, code: str, severity: Severity, message: str) -> None:
-        if len(self.items) < self.limit:
+        n = self.counts.get(code, 0)
+        self.counts[code] = n + 1
+        if n < self.per_code and len(self.items) < self.limit:
             self.items.append(Finding(code, severity, message))
-        else:
-            self.dropped += 1
 
     def reject(self, code: str, message: str) -> None:
         self.add(code, "reject", message)
@@ -80,7 +82,7 @@ class Findings:
         self.add(code, "info", message)
 
     def has(self, code: str) -> bool:
-        return any(f.code == code for f in self.items)
+        return code in self.counts
 
     @property
     def rejected(self) -> bool:
@@ -88,6 +90,10 @@ class Findings:
 
     def freeze(self) -> tuple[Finding, ...]:
         out = list(self.items)
-        if self.dropped:
-            out.append(Finding("too-many-findings", "info", f"{self.dropped} more findings not listed"))
+        kept: dict[str, int] = {}
+        for f in self.items:
+            kept[f.code] = kept.get(f.code, 0) + 1
+        for code, n in self.counts.items():
+            if n > kept.get(code, 0):
+                out.append(Finding("too-many-findings", "info", f"{n - kept.get(code, 0)} more '{code}' findings not listed"))
         return tuple(out)

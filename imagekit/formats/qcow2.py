@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # numpy.typing costs import time; only needed by mypy
     import numpy.typing as npt
 
 from imagekit.errors import ImageReadError
-from imagekit.verdict import Finding, Severity
+from imagekit.verdict import Finding, Findings
 
 __all__ = ["Qcow2Info", "Qcow2Report", "read_info", "verify", "MAX_HOST_CLUSTERS"]
 
@@ -242,38 +242,8 @@ class _Timeout(Exception):
     pass
 
 
-class _Out:
-    """Findings collector that keeps at most ``MAX_FINDINGS_PER_CODE`` per code."""
-
-    def __init__(self) -> None:
-        self.items: list[Finding] = []
-        self.counts: dict[str, int] = {}
-
-    def add(self, code: str, severity: Severity, message: str) -> None:
-        n = self.counts.get(code, 0)
-        self.counts[code] = n + 1
-        if n < MAX_FINDINGS_PER_CODE:
-            self.items.append(Finding(code, severity, message))
-
-    def reject(self, code: str, message: str) -> None:
-        self.add(code, "reject", message)
-
-    def warn(self, code: str, message: str) -> None:
-        self.add(code, "warn", message)
-
-    def info(self, code: str, message: str) -> None:
-        self.add(code, "info", message)
-
-    def has(self, code: str) -> bool:
-        return code in self.counts
-
-    def freeze(self) -> tuple[Finding, ...]:
-        out = list(self.items)
-        for code, n in self.counts.items():
-            if n > MAX_FINDINGS_PER_CODE:
-                out.append(Finding("too-many-findings", "info",
-                                   f"{n - MAX_FINDINGS_PER_CODE} more '{code}' findings not listed"))
-        return tuple(out)
+def _Out() -> Findings:  # noqa: N802 - the verifier's collector: shared Findings, capped per code
+    return Findings(per_code=MAX_FINDINGS_PER_CODE, limit=1 << 30)
 
 
 class _Reader:
@@ -417,7 +387,7 @@ class _Hdr:
 # --------------------------------------------------------------------------- header
 
 
-def _parse_header(rd: _Reader, out: _Out) -> _Hdr | None:
+def _parse_header(rd: _Reader, out: Findings) -> _Hdr | None:
     """Parse and validate the fixed header like ``qcow2_do_open``.
 
     Returns None when the file is not a usable qcow2 header at all (not qcow2,
@@ -509,7 +479,7 @@ def _parse_header(rd: _Reader, out: _Out) -> _Hdr | None:
     return h
 
 
-def _check_limits(h: _Hdr, out: _Out, max_virtual_size: int | None) -> None:
+def _check_limits(h: _Hdr, out: Findings, max_virtual_size: int | None) -> None:
     """QEMU's size limits and the table placement rules (aligned, inside the file)."""
     cs, cb, fsize = h.cluster_size, h.cluster_bits, h.file_size
     l2_entries = cs // (16 if h.extended_l2 else 8)
@@ -570,7 +540,7 @@ def _check_limits(h: _Hdr, out: _Out, max_virtual_size: int | None) -> None:
 # --------------------------------------------------------------------------- extensions
 
 
-def _parse_extensions(rd: _Reader, h: _Hdr, out: _Out) -> None:
+def _parse_extensions(rd: _Reader, h: _Hdr, out: Findings) -> None:
     """Walk the header extensions (``qcow2_read_extensions``) and the backing file name."""
     cs = h.cluster_size
     start = h.header_length if h.version == 3 and 104 <= h.header_length <= cs else (72 if h.version == 2 else 104)
@@ -643,7 +613,7 @@ def _parse_extensions(rd: _Reader, h: _Hdr, out: _Out) -> None:
         out.reject("bad-extension", "LUKS encrypted image without the encryption header extension")
 
 
-def _one_extension(h: _Hdr, typ: int, data: bytes, out: _Out) -> None:
+def _one_extension(h: _Hdr, typ: int, data: bytes, out: Findings) -> None:
     cs = h.cluster_size
     if typ == EXT_BACKING_FORMAT:
         if len(data) >= 16:
@@ -718,7 +688,7 @@ def _unknown_feature_message(h: _Hdr, bits: int) -> str:
 # --------------------------------------------------------------------------- snapshots
 
 
-def _parse_snapshots(rd: _Reader, h: _Hdr, out: _Out) -> None:
+def _parse_snapshots(rd: _Reader, h: _Hdr, out: Findings) -> None:
     """Read the snapshot table (``qcow2_read_snapshots``) with QEMU's limits."""
     cs = h.cluster_size
     if h.nb_snapshots == 0:
@@ -795,7 +765,7 @@ def _parse_snapshots(rd: _Reader, h: _Hdr, out: _Out) -> None:
             out.reject("cluster-overlap", f"{label}: L1 table overlaps the header cluster")
 
 
-def _parse_all(rd: _Reader, out: _Out, max_virtual_size: int | None) -> _Hdr | None:
+def _parse_all(rd: _Reader, out: Findings, max_virtual_size: int | None) -> _Hdr | None:
     h = _parse_header(rd, out)
     if h is None:
         return None
@@ -814,7 +784,7 @@ def _parse_all(rd: _Reader, out: _Out, max_virtual_size: int | None) -> _Hdr | N
 class _Deep:
     """Walk every table and recompute refcounts (see the module docstring for bounds)."""
 
-    def __init__(self, rd: _Reader, h: _Hdr, out: _Out, deadline: float) -> None:
+    def __init__(self, rd: _Reader, h: _Hdr, out: Findings, deadline: float) -> None:
         self.rd, self.h, self.out, self.deadline = rd, h, out, deadline
         self.cs = h.cluster_size
         self.cb = h.cluster_bits
