@@ -305,10 +305,20 @@ def _print_findings(findings: list[dict[str, Any]]) -> None:
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=True))
 @click.option("--deep", is_flag=True, help="Walk every qcow2 table for the allocation summary.")
+@click.option("--guest", is_flag=True, help="Look inside (libguestfs): OS, kernels, agents, packages.")
+@click.option("--sbom", type=click.Choice(["cyclonedx", "spdx"]), help="With --guest: print an SBOM of the packages.")
 @json_option
-def inspect(image: str, deep: bool) -> None:
-    """Describe IMAGE: detected format (never from the extension), sizes, qcow2 details, allocation."""
+@click.pass_context
+def inspect(ctx: click.Context, image: str, deep: bool, guest: bool, sbom: str | None) -> None:
+    """Describe IMAGE: detected format (never from the extension), sizes, qcow2 details, allocation.
+
+    With --guest, what is inside: OS, version, kernels, boot loader, cloud-init and
+    qemu-guest-agent, the installed packages (as an SBOM with --sbom)."""
     from imagekit.inspect import inspect as do_inspect
+
+    if guest or sbom:
+        ctx.invoke(guest_inspect_cmd, image=image, sbom=sbom)
+        return
 
     data = do_inspect(image, deep=deep)
 

@@ -434,28 +434,28 @@ def _run_customise(recipe: Recipe, base: Path, base_format: str, entry: CacheEnt
     from imagekit import sbom
 
     steps_done: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
     if recipe.customise:
         def on_step(r: Any) -> None:
             say("customise", f"step {r.index} {r.op}: {r.summary}")
             steps_done.append({"index": r.index, "op": r.op, "summary": r.summary, "seconds": r.duration})
 
+        # the guest inventory is taken in the same appliance session, after the last step
         cust.customise(base, recipe.customise, output=entry.artifact, output_format="qcow2", fmt=base_format,
-                       network=network, log=on_step)
+                       network=network, log=on_step, after=lambda session: info.update(sbom.guest_info(session)))
         fmt = "qcow2"
     else:
         _copy_sparse(base, entry.artifact)
         fmt = base_format
-    say("customise", "inventory of the guest (packages)")
-    from imagekit.guest import GuestError
+        say("customise", "inventory of the guest (packages)")
+        from imagekit.guest import GuestError
 
-    try:
-        info = sbom.inspect_guest(entry.artifact, fmt)
-    except GuestError as exc:
-        if recipe.customise:
-            raise
-        log.warning("no guest inventory: %s", exc.message)
-        return {"format": fmt, "steps": steps_done, "os": {"error": exc.message}, "packages": [],
-                "accel": accel_name}
+        try:
+            info = sbom.inspect_guest(entry.artifact, fmt)
+        except GuestError as exc:
+            log.warning("no guest inventory: %s", exc.message)
+            return {"format": fmt, "steps": steps_done, "os": {"error": exc.message}, "packages": [],
+                    "accel": accel_name}
     packages = [{"name": a.get("name"), "version": a.get("version"), "arch": a.get("arch")}
                 for a in info.get("applications", [])]
     os_info = dict(info.get("os") or {})
