@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 IMAGE_VERSION = "debian12-minbase-v1"
 MIRROR = os.environ.get("IMAGEKIT_TEST_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
@@ -153,3 +155,21 @@ if __name__ == "__main__":
         phases = build(target)
     print(f"built {target} in {time.monotonic() - t0:.0f} s {phases}; "
           f"size {target.stat().st_size / 2**20:.0f} MiB")
+
+
+try:
+    import guestfs  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+
+    HAVE_GUESTFS = True
+except ImportError:
+    HAVE_GUESTFS = False
+
+#: Marks for tests that need the libguestfs appliance and the test image.
+NEEDS_GUEST = [
+    pytest.mark.guestfs,
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_GUESTFS, reason="the guestfs Python binding is not importable"),
+    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
+    pytest.mark.skipif(shutil.which("debootstrap") is None and not image_path().is_file(),
+                       reason="debootstrap is not installed and no cached test image"),
+]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -26,21 +25,7 @@ from pydantic import TypeAdapter
 from imagekit.recipe import Step
 from tests import guest_image
 
-try:
-    import guestfs  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-
-    HAVE_GUESTFS = True
-except ImportError:
-    HAVE_GUESTFS = False
-
-pytestmark = [
-    pytest.mark.guestfs,
-    pytest.mark.slow,
-    pytest.mark.skipif(not HAVE_GUESTFS, reason="the guestfs Python binding is not importable"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
-    pytest.mark.skipif(shutil.which("debootstrap") is None and not guest_image.image_path().is_file(),
-                       reason="debootstrap is not installed and no cached test image"),
-]
+pytestmark = guest_image.NEEDS_GUEST
 
 STEPS = TypeAdapter(list[Step])
 ROOT_HASH = "$6$imagekitRoot$Wq3Jv8hT0d1PqZ8yqk2rV4mQdK0cPj9bWq2n6sE1bZ5aY7xO8uI3tR4eW5qP6oL7kJ8hG9fD0sA1zX2cV3bN4m"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +18,7 @@ import pytest
 from imagekit import sbom
 from tests import guest_image
 
-try:
-    import guestfs  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-
-    HAVE_GUESTFS = True
-except ImportError:
-    HAVE_GUESTFS = False
-
-needs_guest = [
-    pytest.mark.guestfs,
-    pytest.mark.slow,
-    pytest.mark.skipif(not HAVE_GUESTFS, reason="the guestfs Python binding is not importable"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
-    pytest.mark.skipif(shutil.which("debootstrap") is None and not guest_image.image_path().is_file(),
-                       reason="debootstrap is not installed and no cached test image"),
-]
+needs_guest = guest_image.NEEDS_GUEST
 
 
 def _dpkg_installed(text: str) -> dict[str, dict[str, str]]:

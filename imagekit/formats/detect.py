@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from oslo_utils.imageutils import format_inspector as fi
 
 from imagekit.errors import ImageReadError
 from imagekit.verdict import Finding
+
+VerifyResult = tuple[dict[str, object], tuple[Finding, ...]]
 
 # oslo logs every failed check at WARNING; without this an application that has not
 # configured logging would get them printed on stderr by logging's last resort.
@@ -118,6 +121,15 @@ def open_image(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
 
 
 # ---------------------------------------------------------------- VHD footer sniff
+
+
+def verify_file(path: str | os.PathLike[str], verify_fd: Callable[..., VerifyResult], *args: object) -> VerifyResult:
+    """Open ``path`` (regular files only), run a format's ``verify_fd(fd, size, *args)``, always close it."""
+    fd, st = open_image(path)
+    try:
+        return verify_fd(fd, st.st_size, *args)
+    finally:
+        os.close(fd)
 
 
 def vhd_checksum(buf: bytes, csum_offset: int) -> int:

@@ -14,7 +14,7 @@ import struct
 import uuid
 import zlib
 
-from imagekit.formats.detect import open_image, read_exact
+from imagekit.formats.detect import read_exact, verify_file
 from imagekit.verdict import Finding, Findings, Severity
 
 MAX_ARRAY = 1024 * 1024  # 8192 entries of 128 bytes: far beyond any real table
@@ -57,11 +57,7 @@ def verify(path: str | os.PathLike[str], *, severity: Severity = "reject") -> tu
     ``severity`` is used for structural damage (hybrid ISOs may pass "warn": their
     payload is the ISO 9660 filesystem, the table only helps booting as a disk).
     """
-    fd, st = open_image(path)
-    try:
-        return _verify_fd(fd, st.st_size, severity)
-    finally:
-        os.close(fd)
+    return verify_file(path, _verify_fd, severity)
 
 
 def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tuple[Finding, ...]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 
-from imagekit.formats.detect import open_image, read_exact, vhd_checksum
+from imagekit.formats.detect import read_exact, verify_file, vhd_checksum
 from imagekit.verdict import Finding, Findings
 
 FIXED, DYNAMIC, DIFFERENCING = 2, 3, 4
@@ -58,11 +58,7 @@ def parse_footer(buf: bytes) -> dict[str, object]:
 
 def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
     """Check a VHD file; return (info dict, findings)."""
-    fd, st = open_image(path)
-    try:
-        return _verify_fd(fd, st.st_size)
-    finally:
-        os.close(fd)
+    return verify_file(path, _verify_fd)
 
 
 def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ...]]:

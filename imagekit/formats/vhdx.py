@@ -15,7 +15,7 @@ import os
 import struct
 import uuid
 
-from imagekit.formats.detect import open_image, read_exact
+from imagekit.formats.detect import read_exact, verify_file
 from imagekit.verdict import Finding, Findings
 
 KiB, MiB = 1024, 1024 * 1024
@@ -70,11 +70,7 @@ def _guid(b: bytes) -> uuid.UUID:
 
 def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
     """Check a VHDX file; return (info dict, findings)."""
-    fd, st = open_image(path)
-    try:
-        return _verify_fd(fd, st.st_size)
-    finally:
-        os.close(fd)
+    return verify_file(path, _verify_fd)
 
 
 def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ...]]:

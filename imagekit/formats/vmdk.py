@@ -17,7 +17,7 @@ import os
 import re
 import struct
 
-from imagekit.formats.detect import open_image, read_at, read_exact
+from imagekit.formats.detect import read_at, read_exact, verify_file
 from imagekit.verdict import Finding, Findings
 
 SECTOR = 512
@@ -105,11 +105,7 @@ def _parse_header(buf: bytes) -> dict[str, int]:
 
 def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
     """Check a VMDK file; return (info dict, findings)."""
-    fd, st = open_image(path)
-    try:
-        return _verify_fd(fd, st.st_size, os.path.basename(os.fspath(path)))
-    finally:
-        os.close(fd)
+    return verify_file(path, _verify_fd, os.path.basename(os.fspath(path)))
 
 
 def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tuple[Finding, ...]]:
