@@ -249,7 +249,7 @@ def _base_key(recipe: Recipe, versions: dict[str, str | None]) -> tuple[str, dic
     if isinstance(spec, DibBuild):
         from imagekit.builders.dib import element_paths
 
-        inputs["elements"] = {str(p): _tree_digest(p) for p in element_paths()}
+        inputs["elements"] = [_tree_digest(p) for p in element_paths()]  # content, not checkout path
         inputs["tools"] = {k: versions.get(k) for k in ("diskimage-builder", "qemu-img")}
     elif isinstance(spec, CloudImageBuild):
         from imagekit.download import expected_digest
