@@ -951,8 +951,6 @@ def guest_inspect_cmd(image: str, sbom: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    as_json = False
-    debug = False
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     debug = "--debug" in args

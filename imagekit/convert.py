@@ -238,14 +238,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
                 pass
 
     in_art = Artifact(str(src_path), in_verdict.format or "raw", int(_vsize(in_verdict) or 0), src_path.stat().st_size)
-    det_out = _detected(out_verdict)
     fmt_info = out_verdict.details.get("format_info")
     compat = None
     if isinstance(fmt_info, dict) and isinstance(fmt_info.get("info"), dict):
         compat = fmt_info["info"].get("compat")
     out_art = Artifact(str(out), out_verdict.format or opts.out_format, int(_vsize(out_verdict) or 0),
                        out.stat().st_size, digest, compat)
-    del det_out
     return ConvertResult(in_art, out_art, in_verdict, out_verdict, qcheck, cmp, tuple(notes), seconds)
 
 

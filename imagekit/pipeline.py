@@ -221,11 +221,8 @@ def tool_versions() -> dict[str, str | None]:
         "qemu-img": version_of(["qemu-img", "--version"]),
         "diskimage-builder": pkg("diskimage-builder"),
         "python": platform.python_version(),
+        "libguestfs": version_of(["guestfish", "--version"]),
     }
-
-
-def _guestfs_version() -> str | None:
-    return version_of(["guestfish", "--version"])
 
 
 # ---------------------------------------------------------------- stages
@@ -316,7 +313,7 @@ def build(recipe: Recipe, output_dir: Path, *, use_cache: bool = True, upload_cl
 
     # 2. customise (+ guest inventory for the manifest)
     cust_inputs = {"steps": [s.model_dump(mode="json") for s in recipe.customise], "files": _customise_inputs(recipe),
-                   "base": base_key, "guestfs": _guestfs_version(), "network": network}
+                   "base": base_key, "guestfs": versions["libguestfs"], "network": network}
     cust, st = _stage("customise", "customise", _digest(cust_inputs), cust_inputs, recipe, use_cache, say,
                       "customised image from cache",
                       lambda entry: _run_customise(recipe, base.artifact, base_format, entry, say, network,
@@ -374,7 +371,7 @@ def build(recipe: Recipe, output_dir: Path, *, use_cache: bool = True, upload_cl
                    "build_method": recipe.build.method},
         "inputs": _manifest_inputs(recipe, stages[0].details),
         "elements": list(recipe.build.elements) if isinstance(recipe.build, DibBuild) else None,
-        "tools": {**versions, "libguestfs": _guestfs_version()},
+        "tools": versions,
         "accelerator": choice.to_dict(),
         "stages": [{"name": s.name, "seconds": s.seconds, "cached": s.cached, "key": s.key} for s in stages],
         "seconds_total": round(time.monotonic() - started, 2),
