@@ -6,7 +6,7 @@ writes a 1 GiB raw image (non-zero data), then alternates rounds of
 * curl: create the image record, ``curl -T FILE`` PUT to ``/v2/images/ID/file``
   (timed: the curl process), and
 * imagekit: ``glance.upload()`` (timed: the whole call after ``check()``: the
-  idempotency lookup, create, streaming PUT with sha512 + md5 in the same read
+  idempotency lookup, create, streaming PUT with sha512 in the same read
   pass, read-back and verification, final update),
 
 each image deleted after its round. Prints MiB/s for both, the throughput ratio
@@ -123,7 +123,7 @@ def main() -> int:
               + ", ".join(f"{x:.2f}" for x in ik_t) + ")")
         assert res is not None
         print(f"imagekit data phase (PUT only): {res.throughput_mib_s} MiB/s last round")
-        print(f"hash verified: sha512 {res.sha512[:16]}... == Glance os_hash_value; md5 == checksum; "
+        print(f"hash verified: sha512 {res.sha512[:16]}... == Glance os_hash_value; "
               f"bytes read {res.bytes_read} == file size {size} (read once)")
         print(f"throughput ratio imagekit/curl: {ratio:.3f} (target >= 0.95) -> {'OK' if ratio >= 0.95 else 'BELOW'}")
         return 0

@@ -13,11 +13,14 @@
    digest is only computed ahead when such a candidate exists (one extra pass);
    otherwise the file is read exactly once, by the upload.
 4. The image record is created with ``imagekit_incomplete=true``; the data is
-   streamed through ``HashingReader`` (sha512 + md5 of exactly the bytes sent)
+   streamed through ``HashingReader`` (sha512 of exactly the bytes sent)
    by one of the import methods ``direct`` (PUT), ``glance-direct`` (stage +
    import) or ``web-download`` (the server fetches ``url``).
-5. Glance's ``size``, ``checksum`` and ``os_hash_algo``/``os_hash_value`` must
-   equal the local ones; then ``imagekit_incomplete`` is removed and
+5. Glance's ``size`` and ``os_hash_algo``/``os_hash_value`` must equal the
+   local ones (the legacy md5 ``checksum`` is reported, not recomputed: on two
+   cores an md5 pass beside sha512 slows the upload by a tenth and adds no
+   assurance; a Glance configured with another ``hashing_algorithm`` costs one
+   more local pass with that algorithm); then ``imagekit_incomplete`` is removed and
    ``protected`` set. Any failure (mismatch, server error, server gone,
    Ctrl-C) deletes the record; when even that is impossible the error says so
    and the record keeps ``imagekit_incomplete=true`` (and is not active).
@@ -87,7 +90,7 @@ class HashingReader:
 
     QUEUE_CHUNKS = 8
 
-    def __init__(self, path: str | os.PathLike[str], algorithms: tuple[str, ...] = ("sha512", "md5"),
+    def __init__(self, path: str | os.PathLike[str], algorithms: tuple[str, ...] = ("sha512",),
                  progress: Progress | None = None, phase: str = "upload") -> None:
         try:
             self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()/context
@@ -375,7 +378,7 @@ def _find_reusable(c: Cloud, plan_: Plan, progress: Progress | None) -> tuple[di
     from imagekit.artifact import hash_file
 
     log.info("an active image named %s with the same size exists: hashing the file to compare", plan_.name)
-    digests = hash_file(plan_.path, ("sha512", "md5"),
+    digests = hash_file(plan_.path, ("sha512",),
                         progress=(lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None)
     for img in sorted(same_size, key=lambda i: str(i.get("created_at")), reverse=True):
         if img.get("os_hash_value") == digests["sha512"]:
@@ -497,7 +500,7 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
             return UploadResult(image=summary(reuse), reused=True, method=p.import_method,
                                 disk_format=str(reuse.get("disk_format")), size=p.size,
                                 sha512=pre_digests["sha512"] if pre_digests else None,
-                                md5=pre_digests.get("md5") if pre_digests else None,
+                                md5=reuse.get("checksum"),
                                 bytes_read=p.size or 0, seconds=round(time.monotonic() - t0, 3),
                                 throughput_mib_s=None, verified=True, cloud=cloud_info, lint=lint)
 
@@ -536,7 +539,7 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
             if p.path is not None:
                 from imagekit.artifact import hash_file
 
-                digests = pre_digests or hash_file(p.path, ("sha512", "md5"), progress=(
+                digests = pre_digests or hash_file(p.path, ("sha512",), progress=(
                     (lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None))
                 bytes_read = p.size or 0
             t_data = time.monotonic()
@@ -544,6 +547,13 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
                    lambda: c.glance.images.image_import(image_id, method="web-download", uri=p.url))
             img = _wait_import(c, image_id, options.import_timeout, progress)
         data_seconds = time.monotonic() - t_data
+        algo = str(img.get("os_hash_algo") or "")
+        if digests is not None and p.path is not None and algo and algo not in digests \
+                and algo in hashlib.algorithms_available:
+            from imagekit.artifact import hash_file
+
+            log.info("Glance hashes with %s: hashing the file again with it to verify", algo)
+            digests = {**digests, **hash_file(p.path, (algo,))}
         problems = _verify(img, p.size, digests)
         if problems:
             raise VerifyError(f"Glance does not hold what was sent: {'; '.join(problems)}",
@@ -576,7 +586,7 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
     thr = (size / data_seconds / (1 << 20)) if size and data_seconds > 0 else None
     result = UploadResult(image=summary(img), reused=False, method=p.import_method, disk_format=p.disk_format,
                           size=size, sha512=digests.get("sha512") if digests else img.get("os_hash_value"),
-                          md5=digests.get("md5") if digests else img.get("checksum"), bytes_read=bytes_read,
+                          md5=img.get("checksum"), bytes_read=bytes_read,
                           seconds=round(seconds, 3), throughput_mib_s=round(thr, 1) if thr else None,
                           verified=digests is not None, cloud=cloud_info, lint=lint)
     if options.prune_keep is not None and p.prune_prefix:

@@ -164,6 +164,7 @@ _CONF = """\
 bind_host = 127.0.0.1
 bind_port = {port}
 workers = 1
+hashing_algorithm = {hashing_algorithm}
 enabled_backends = fs:file, http:http
 enabled_import_methods = [glance-direct,web-download,copy-image]
 worker_self_reference_url = http://127.0.0.1:{port}
@@ -210,14 +211,15 @@ enforce_scope = false
 """
 
 
-def _write_config(home: Path, data: Path, port: int) -> Path:
+def _write_config(home: Path, data: Path, port: int, hashing_algorithm: str = "sha512") -> Path:
     etc = home / "etc"
     etc.mkdir(parents=True, exist_ok=True)
     for sub in ("images", "staging", "tasks", "cache", "locks"):
         (data / sub).mkdir(parents=True, exist_ok=True)
     (etc / "glance-api-paste.ini").write_text(_PASTE.format(data=data), encoding="utf-8")
     conf = etc / "glance-api.conf"
-    conf.write_text(_CONF.format(port=port, data=data, etc=etc), encoding="utf-8")
+    conf.write_text(_CONF.format(port=port, data=data, etc=etc, hashing_algorithm=hashing_algorithm),
+                    encoding="utf-8")
     return conf
 
 
@@ -324,8 +326,11 @@ def write_clouds_yaml(path: Path, endpoint: str, cloud: str = CLOUD_NAME) -> Pat
 
 def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
           home: str | os.PathLike[str] | None = None, clouds_yaml: str | os.PathLike[str] | None = None,
-          write_clouds: bool = True, cloud: str = CLOUD_NAME, timeout: float = START_TIMEOUT) -> ServerInfo:
-    """Start the local Glance (or return the one already running for HOME) and wait until it answers."""
+          write_clouds: bool = True, cloud: str = CLOUD_NAME, timeout: float = START_TIMEOUT,
+          hashing_algorithm: str = "sha512") -> ServerInfo:
+    """Start the local Glance (or return the one already running for HOME) and wait until it answers.
+
+    ``hashing_algorithm`` is Glance's option of that name (what ``os_hash_value`` holds)."""
     home_p = Path(home) if home is not None else default_home()
     home_p = home_p.resolve()
     current = status(home_p)
@@ -344,7 +349,7 @@ def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = Non
             raise GlanceServerError(f"port {port} on 127.0.0.1 is in use", "choose another one with --port") from exc
     home_p.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    conf = _write_config(home_p, data, port)
+    conf = _write_config(home_p, data, port, hashing_algorithm)
     _db_sync(conf, data)
     log = home_p / "server.log"
     endpoint = f"http://127.0.0.1:{port}"

@@ -45,10 +45,10 @@ def _clean_os_env() -> None:
             del os.environ[k]
 
 
-def start(base: Path) -> GlanceFixture:
+def start(base: Path, **serve_kwargs: str) -> GlanceFixture:
     _need_glance()
     clouds = base / "clouds.yaml"
-    info = glance_server.serve(home=base / "server", clouds_yaml=clouds, timeout=90)
+    info = glance_server.serve(home=base / "server", clouds_yaml=clouds, timeout=90, **serve_kwargs)
     return GlanceFixture(info=info, home=base / "server", clouds_yaml=clouds)
 
 
