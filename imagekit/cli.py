@@ -13,19 +13,37 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import yaml
-from rich.console import Console
 
 from imagekit import __version__
 from imagekit.errors import ImagekitError, RecipeError, UsageError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-out_console = Console(highlight=False, soft_wrap=True)
+
+class _LazyConsole:
+    """A rich Console made on first use: ``imagekit check`` and other quick commands do not pay for
+    importing rich (~20 ms) unless they print through it."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+err_console: Any = _LazyConsole(stderr=True)
+out_console: Any = _LazyConsole(stderr=False)
 
 
 class State:
@@ -154,6 +172,8 @@ def recipes_show(name: str) -> None:
     data = {"name": r.name, "source": r.source, "digest": r.digest, **r.to_dict()}
 
     def human() -> None:
+        import yaml
+
         click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
 
     emit(data, human)
@@ -270,10 +290,10 @@ class ProgressBar:
 
 
 def _size_option(value: str | None) -> int | None:
-    from imagekit.recipe import parse_size
-
     if value is None:
         return None
+    from imagekit.recipe import parse_size
+
     try:
         return parse_size(value)
     except ValueError as exc:
@@ -295,8 +315,7 @@ def _print_findings(findings: list[dict[str, Any]]) -> None:
     colour = {"reject": "red", "warn": "yellow", "info": "blue"}
     for f in findings:
         sev = f["severity"]
-        out_console.print(f"  [{colour.get(sev, 'white')}]{sev:<6}[/] {f['code']:<28} {f['message']}",
-                          highlight=False)
+        click.echo(f"  {click.style(f'{sev:<6}', fg=colour.get(sev, 'white'))} {f['code']:<28} {f['message']}")
 
 
 # ---------------------------------------------------------------- inspect / check / convert
@@ -366,7 +385,7 @@ def check_cmd(image: str, declared: str | None, max_virtual_size: str | None, sh
 
     def human() -> None:
         colour = {"accept": "green", "warn": "yellow", "reject": "red"}[v.verdict]
-        out_console.print(f"[bold {colour}]{v.verdict}[/] {v.path} ({v.format})", highlight=False)
+        click.echo(f"{click.style(v.verdict, fg=colour, bold=True)} {v.path} ({v.format})")
         _print_findings(data["findings"])  # type: ignore[arg-type]
 
     emit(data, human)
