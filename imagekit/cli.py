@@ -852,6 +852,7 @@ def cache_prune(everything: bool, recipe: str | None, older_than: float | None, 
 
 def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
     """``--step`` values (JSON or YAML mappings) validated with the recipe's Step model."""
+    import yaml
     from pydantic import TypeAdapter, ValidationError
 
     from imagekit import recipe as rec

@@ -183,3 +183,20 @@ class Q2:
         end = -(-self.size // cs) * cs
         self.truncate(end + cs)
         return end // cs
+
+
+def assert_same_in_windows(path: Path, report: object, window: int, l2_range: int, **kwargs: object) -> None:
+    """verify() cut into windows of ``window`` host clusters (several passes) must find exactly what the
+    default (usually one-pass) check found: same verdict, same finding codes in the same order, same stats."""
+    from imagekit.formats import qcow2
+
+    assert isinstance(report, qcow2.Qcow2Report)
+    small = qcow2.verify(path, window_clusters=window, l2_range_clusters=l2_range, **kwargs)  # type: ignore[arg-type]
+
+    def key(r: qcow2.Qcow2Report) -> tuple[object, ...]:
+        stats = {k: v for k, v in r.stats.items() if k not in ("elapsed_ms", "passes")}
+        return r.verdict, [(f.code, f.severity) for f in r.findings], stats
+
+    if "time-limit" in small.codes() or "time-limit" in report.codes():
+        return
+    assert key(small) == key(report), (small.findings, report.findings)

@@ -17,6 +17,21 @@ from tests.qcow2_factory import COMPRESSED, COPIED, Q2
 pytestmark = pytest.mark.skipif(not Path(qf.QEMU_IMG).exists(), reason="qemu-img not installed")
 
 
+@pytest.fixture(autouse=True)
+def _windows_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every deep verify() in this module is also run in windows of 5 host clusters (many passes, L2 tables
+    gathered 3 clusters at a time) and must give the same verdict, findings and stats."""
+    real = qcow2.verify
+
+    def both(path: object, **kw: object) -> qcow2.Qcow2Report:
+        r = real(path, **kw)  # type: ignore[arg-type]
+        if kw.get("deep", True) and "window_clusters" not in kw:
+            qf.assert_same_in_windows(path, r, 5, 3, **kw)  # type: ignore[arg-type]
+        return r
+
+    monkeypatch.setattr(qcow2, "verify", both)
+
+
 def codes(r: qcow2.Qcow2Report) -> dict[str, str]:
     d: dict[str, str] = {}
     for f in r.findings:

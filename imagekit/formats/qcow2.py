@@ -45,16 +45,16 @@ Bounds
 
 All reads go through ``os.pread`` on one descriptor.  Every loop runs over a
 table whose size was first validated against QEMU's limits and the file size,
-and ``time_limit`` stops the deep walk (``time-limit`` reject).  Memory: the
-deep check holds three per-host-cluster arrays (computed refcount u64, stored
-refcount u32, role bits u8): 13 bytes per host cluster of the *file* (a 2 GiB
-file with 4 KiB clusters: 6.5 MiB), plus at most one L1 table (<= 32 MiB), the
-refcount table (<= 8 MiB), a batch of L2 tables (<= ~4 MiB) and about 1M
-pending data-cluster indices (8 MiB); the final comparison adds transient
-per-cluster temporaries of ~8 bytes.  Measured peak RSS (numpy itself ~27 MiB):
-61 MiB for a 2 GiB file, 103 MiB for an 8 GiB file, both with 4 KiB clusters.  Files with
-more than ``MAX_HOST_CLUSTERS`` host clusters (~830 MiB of arrays) are refused
-(``too-many-clusters``) rather than checked partially.  At most
+and ``time_limit`` stops the deep walk (``time-limit`` reject).  Memory is the
+same whatever the size of the image: the deep check works on windows of
+``WINDOW_CLUSTERS`` host clusters (1M), with three arrays per window (computed
+refcount u32, stored refcount u32, role bits u8: 9 MiB), walking the tables
+again for each window (one pass up to 4 GiB files with 4 KiB clusters, up to
+64 GiB with 64 KiB clusters).  Everything else is read in bounded pieces: L1 and
+refcount-table entries 64K at a time, L2 tables in 256 KiB batches, and the L2
+tables are gathered from the L1 tables 256K host clusters at a time into dense
+counters (2.3 MiB).  Measured peak RSS of ``imagekit check`` (Python, click,
+numpy and oslo take ~42 MiB of it): see ``bench/bench_check.py``.  At most
 ``MAX_FINDINGS_PER_CODE`` findings are kept per code; the rest are counted.
 """
 
@@ -64,6 +64,7 @@ import errno
 import os
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # numpy.typing costs import time; only needed by mypy
 from imagekit.errors import ImageReadError
 from imagekit.verdict import Finding, Findings
 
-__all__ = ["Qcow2Info", "Qcow2Report", "read_info", "verify", "MAX_HOST_CLUSTERS"]
+__all__ = ["Qcow2Info", "Qcow2Report", "read_info", "verify", "WINDOW_CLUSTERS"]
 
 MAGIC = b"QFI\xfb"
 
@@ -100,8 +101,17 @@ BME_FLAG_IN_USE = 1
 INT_MAX = 2**31 - 1
 MAX_VIRTUAL_SIZE = 2**63 - 512  # BDRV_MAX_LENGTH-ish: QEMU keeps sizes in int64
 
-#: Refuse a deep check of files with more host clusters than this (13 B each).
-MAX_HOST_CLUSTERS = 1 << 26
+#: Host clusters per pass of the deep check (9 bytes of arrays each: 9 MiB a pass); bigger files take
+#: more passes, so memory stays the same whatever the size of the image.
+WINDOW_CLUSTERS = 1 << 20
+#: L2 tables are gathered from the L1 tables this many host clusters at a time (dense u64 counters).
+L2_RANGE_CLUSTERS = 1 << 18
+#: L1 and refcount-table entries decoded at a time.
+L1_CHUNK = 1 << 16
+#: Bytes of L2 tables checked as one array batch.
+L2_BATCH_BYTES = 256 << 10
+#: Data-cluster references buffered before they are added to the refcounts.
+PENDING_DATA = 1 << 17
 #: Findings kept per finding code; the rest are only counted.
 MAX_FINDINGS_PER_CODE = 20
 
@@ -782,28 +792,51 @@ def _parse_all(rd: _Reader, out: Findings, max_virtual_size: int | None) -> _Hdr
 
 
 class _Deep:
-    """Walk every table and recompute refcounts (see the module docstring for bounds)."""
+    """Walk every table and recompute refcounts (see the module docstring for bounds).
 
-    def __init__(self, rd: _Reader, h: _Hdr, out: Findings, deadline: float) -> None:
-        self.rd, self.h, self.out, self.deadline = rd, h, out, deadline
+    Host clusters are handled in windows of ``window`` clusters: the per-cluster
+    arrays (computed refcount u32, stored refcount u32, role bits u8) cover one
+    window, and the tables are walked once per window. Findings about the tables
+    themselves and the counters are taken in the first pass only; the overlap check
+    and the refcount comparison are accumulated over the passes. The L2 tables are
+    gathered from the L1 tables ``l2_range`` host clusters at a time, into dense
+    counters, so memory does not grow with the L1 tables either.
+    """
+
+    def __init__(self, rd: _Reader, h: _Hdr, out: Findings, deadline: float,
+                 window: int = WINDOW_CLUSTERS, l2_range: int = L2_RANGE_CLUSTERS) -> None:
+        self.rd, self.h, self.deadline = rd, h, deadline
+        self.report = out  # the check's findings
+        self.out = out  # findings of the table walks: the real collector in the first pass only
         self.cs = h.cluster_size
         self.cb = h.cluster_bits
         self.fsize = rd.size
         self.n = (self.fsize + self.cs - 1) >> self.cb
-        self.refs: U64 = np.zeros(0, np.uint64)
+        self.window = max(1, int(window))
+        self.l2_range = max(1, int(l2_range))
+        self.base = 0
+        self.wn = 0
+        self.first = True
+        self.passes = 0
+        self.refs: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
         self.stored: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
         self.role: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
+        self.added = 0  # references added to ``refs`` in this window (saturating arithmetic past 2**32 - 1)
         self.meta_ranges: list[tuple[int, int, str]] = []
-        self.refblock_idx: I64 = np.zeros(0, np.int64)
+        self.refblock_idx: list[I64] = []
         self.bitmap_data_idx: list[I64] = []
         self.stats: dict[str, int] = {}
-        self.counts = {"compressed": 0, "zero": 0, "copied_mismatch": 0}
+        self.counts = {"compressed": 0, "zero": 0}
+        self.walk_counts = self.counts
+        self.copied_mismatch = 0
         self.copied_example = ""
         self._pending: list[tuple[I64, int]] = []
         self._pending_len = 0
         self.complete = True
-        self.active_l1_idx: I64 = np.zeros(0, np.int64)
-        self.active_l1_copied: npt.NDArray[np.bool_] = np.zeros(0, bool)
+        self.acc = {"overlap": 0, "low": 0, "high": 0, "data": 0, "meta": 0, "l2": 0, "used": 0, "end": 0}
+        self.overlap_ex: list[str] = []
+        self.low_ex: list[str] = []
+        self.high_ex = ""
 
     def past(self, off: U64, length: int) -> npt.NDArray[np.bool_]:
         """Which ``[off, off+length)`` ranges end past EOF (overflow-safe)."""
@@ -815,13 +848,48 @@ class _Deep:
         if time.monotonic() > self.deadline:
             raise _Timeout
 
+    # -- the window --------------------------------------------------------------
+
+    def begin(self, base: int) -> None:
+        self.base = base
+        self.wn = min(self.window, self.n - base)
+        self.refs = np.zeros(self.wn, np.uint32)
+        self.stored = np.zeros(self.wn, np.uint32)
+        self.role = np.zeros(self.wn, np.uint8)
+        self.added = 0
+        self._pending = []
+        self._pending_len = 0
+
+    def local(self, idx: I64) -> tuple[I64, npt.NDArray[np.bool_] | None]:
+        """Host cluster indices -> indices into this window's arrays, and which were kept (None: all)."""
+        if self.base == 0 and self.wn >= self.n:
+            return idx, None
+        sel = (idx >= self.base) & (idx < self.base + self.wn)
+        return idx[sel] - self.base, sel
+
+    def _add(self, idx: I64, w: int | U64) -> None:
+        """refs[idx] += w (window-local idx, repeats allowed), saturating at 2**32 - 1."""
+        if idx.size == 0:
+            return
+        total = int(w) * int(idx.size) if isinstance(w, int) else int(w.sum())
+        if self.added + total <= 0xFFFFFFFF:
+            np.add.at(self.refs, idx, np.uint32(w) if isinstance(w, int) else w.astype(np.uint32))
+            self.added += total
+            return
+        u, inv = np.unique(idx, return_inverse=True)
+        acc = self.refs[u].astype(np.uint64)
+        np.add.at(acc, inv, np.uint64(w) if isinstance(w, int) else w.astype(np.uint64))
+        self.refs[u] = np.minimum(acc, np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        self.added = 1 << 40
+
     # -- marking ---------------------------------------------------------------
 
     def mark_meta_idx(self, idx: I64) -> None:
-        if idx.size == 0:
+        loc, _sel = self.local(idx)
+        if loc.size == 0:
             return
-        u, c = np.unique(idx, return_counts=True)
-        self.refs[u] += c.astype(np.uint64)
+        u, c = np.unique(loc, return_counts=True)
+        self._add(u, c.astype(np.uint64))
         had = (self.role[u] & R_META) != 0
         self.role[u] |= R_META
         twice = u[had | (c > 1)]
@@ -833,122 +901,188 @@ class _Deep:
             return
         first = off >> self.cb
         last = min((off + length - 1) >> self.cb, self.n - 1)
-        self.meta_ranges.append((first, last, what))
-        self.mark_meta_idx(np.arange(first, last + 1, dtype=np.int64))
+        if self.first:
+            self.meta_ranges.append((first, last, what))
+        lo, hi = max(first, self.base), min(last, self.base + self.wn - 1)
+        if lo <= hi:
+            self.mark_meta_idx(np.arange(lo, hi + 1, dtype=np.int64))
 
-    def add_data(self, idx: I64, mult: int) -> None:
-        self._pending.append((idx, mult))
-        self._pending_len += idx.size
-        if self._pending_len > (1 << 20):
+    def add_data(self, loc: I64, mult: int) -> None:
+        self._pending.append((loc, mult))
+        self._pending_len += loc.size
+        if self._pending_len > PENDING_DATA:
             self.flush_data()
 
     def flush_data(self) -> None:
         if not self._pending:
             return
-        if all(m == 1 for _, m in self._pending):
-            idx = np.concatenate([i for i, _ in self._pending])
-            np.add.at(self.refs, idx, np.uint64(1))
-        else:
-            idx = np.concatenate([i for i, _ in self._pending])
-            w = np.concatenate([np.full(i.size, m, np.uint64) for i, m in self._pending])
-            np.add.at(self.refs, idx, w)
+        ones = [i for i, m in self._pending if m == 1]
+        if ones:
+            self._add(np.concatenate(ones), 1)
+        for i, m in self._pending:
+            if m != 1:
+                self._add(i, m)
         self._pending = []
         self._pending_len = 0
 
+    def _add_weighted(self, idx: I64, m: U64) -> None:
+        """Data references to host clusters ``idx`` (global), ``m`` L1 paths each."""
+        loc, sel = self.local(idx)
+        if sel is not None:
+            m = m[sel]
+        if loc.size == 0:
+            return
+        if bool((m == 1).all()):
+            self.add_data(loc, 1)
+        else:
+            for v in np.unique(m).tolist():
+                self.add_data(loc[m == v], int(v))
+
+    def _set_role(self, idx: I64, bits: int) -> None:
+        loc, _sel = self.local(idx)
+        self.role[loc] |= bits
+
     # -- L1 --------------------------------------------------------------------
 
-    def walk_l1(self, offset: int, size: int, active: bool, label: str) -> None:
-        """Validate one L1 table's entries and count one reference per L1 path to each L2 table.
+    def _l1_chunks(self, offset: int, size: int) -> Iterator[tuple[int, U64]]:
+        for s in range(0, size, L1_CHUNK):
+            self.tick()
+            raw = self.rd.exact(offset + 8 * s, 8 * min(L1_CHUNK, size - s))
+            if raw is None:
+                return
+            yield s, np.frombuffer(raw, ">u8").astype(np.uint64)
 
-        The L1 range itself is marked as metadata by the caller afterwards, so
-        that ``refs`` of L2 clusters equals their number of L1 paths here.
-        """
+    def scan_l1(self, offset: int, size: int, label: str) -> None:
+        """Validate one L1 table's entries (findings only; done once)."""
         if size == 0:
             return
-        raw = self.rd.exact(offset, size * 8)
-        if raw is None:
+        if self.rd.exact(offset, 0) is None or offset + 8 * size > self.fsize:
             self.out.reject("l1-outside-file", f"{label} runs past the end of the file")
             return
-        e = np.frombuffer(raw, ">u8").astype(np.uint64)
-        res = (e & np.uint64(L1E_RESERVED_MASK)) != 0
-        if res.any():
-            i = int(np.flatnonzero(res)[0])
-            self.out.reject("reserved-bits", f"{label}: {int(res.sum())} entries have reserved bits set "
-                            f"(first: index {i}, entry {_hex(int(e[i]))})")
-        off = e & np.uint64(L1E_OFFSET_MASK)
-        nz = off != 0
-        unal = nz & ((off & np.uint64(self.cs - 1)) != 0)
-        outside = nz & ~unal & self.past(off, self.cs)
-        for mask, code, what in ((unal, "l2-unaligned", "is not cluster aligned"),
-                                 (outside, "l2-outside-file", "runs past the end of the file")):
-            if mask.any():
-                i = int(np.flatnonzero(mask)[0])
-                self.out.reject(code, f"{label}: {int(mask.sum())} L2 table offsets; first, L1[{i}] -> "
-                                f"{_hex(int(off[i]))}, {what}")
-        good = nz & ~unal & ~outside
-        if not bool(good.sum() == nz.sum()):
+        agg: dict[str, list[Any]] = {}
+        n_nz = n_good = 0
+        for s, e in self._l1_chunks(offset, size):
+            res = (e & np.uint64(L1E_RESERVED_MASK)) != 0
+            off = e & np.uint64(L1E_OFFSET_MASK)
+            nz = off != 0
+            unal = nz & ((off & np.uint64(self.cs - 1)) != 0)
+            outside = nz & ~unal & self.past(off, self.cs)
+            for key, mask in (("res", res), ("unal", unal), ("outside", outside)):
+                if mask.any():
+                    i = int(np.flatnonzero(mask)[0])
+                    a = agg.setdefault(key, [0, s + i, int(e[i]), int(off[i])])
+                    a[0] += int(mask.sum())
+            n_nz += int(nz.sum())
+            n_good += int((nz & ~unal & ~outside).sum())
+        if "res" in agg:
+            cnt, i, ent, _o = agg["res"]
+            self.out.reject("reserved-bits", f"{label}: {cnt} entries have reserved bits set "
+                            f"(first: index {i}, entry {_hex(ent)})")
+        for key, code, what in (("unal", "l2-unaligned", "is not cluster aligned"),
+                                ("outside", "l2-outside-file", "runs past the end of the file")):
+            if key in agg:
+                cnt, i, _e, o = agg[key]
+                self.out.reject(code, f"{label}: {cnt} L2 table offsets; first, L1[{i}] -> {_hex(o)}, {what}")
+        if n_good != n_nz:
             self.complete = False
-        idx = (off[good] >> np.uint64(self.cb)).astype(np.int64)
-        np.add.at(self.refs, idx, np.uint64(1))
-        self.role[idx] |= R_L2
-        if active:
-            self.role[idx] |= R_ACTIVE_L2
-            self.active_l1_idx = idx
-            self.active_l1_copied = (e[good] >> np.uint64(63)).astype(bool)
+
+    def collect_l2(self, l1s: list[tuple[int, int, bool, str]], lo: int, hi: int,
+                   refcounts_known: bool) -> tuple[I64, U64, npt.NDArray[np.bool_]]:
+        """The distinct L2 tables in host clusters [lo, hi): (cluster index, number of L1 paths, reachable
+        from the active L1). Also checks the active L1's COPIED flags against the stored refcounts."""
+        cnt = np.zeros(hi - lo, np.uint64)
+        act = np.zeros(hi - lo, bool)
+        for offset, size, active, _label in l1s:
+            if size == 0 or offset + 8 * size > self.fsize:
+                continue
+            for _s, e in self._l1_chunks(offset, size):
+                off = e & np.uint64(L1E_OFFSET_MASK)
+                c = (off >> np.uint64(self.cb)).astype(np.int64)
+                good = (off != 0) & ((off & np.uint64(self.cs - 1)) == 0) & ~self.past(off, self.cs) \
+                    & (c >= lo) & (c < hi)
+                if not good.any():
+                    continue
+                gi = c[good] - lo
+                np.add.at(cnt, gi, np.uint64(1))
+                if active:
+                    act[gi] = True
+                    if refcounts_known:
+                        loc, sel = self.local(c[good])
+                        cop = (e[good] >> np.uint64(63)).astype(bool)
+                        if sel is not None:
+                            cop = cop[sel]
+                        m = (self.stored[loc] == 1) != cop
+                        if m.any():
+                            self.copied_mismatch += int(m.sum())
+                            if not self.copied_example:
+                                self.copied_example = f"L2 table at {_hex(int(loc[m][0] + self.base) << self.cb)}"
+        nz = np.flatnonzero(cnt)
+        return nz.astype(np.int64) + lo, cnt[nz], act[nz]
 
     # -- refcounts -------------------------------------------------------------
 
     def read_refcounts(self) -> None:
-        """Read the refcount table and blocks into ``stored`` and mark them as metadata."""
+        """Read the refcount table and this window's refcount blocks into ``stored``; mark them as metadata."""
         h, cs, cb = self.h, self.cs, self.cb
+        rt_off = h.refcount_table_offset
         rt_len = h.refcount_table_clusters * cs
-        raw = self.rd.exact(h.refcount_table_offset, rt_len)
-        if raw is None:
+        if rt_off + rt_len > self.fsize:
             self.out.reject("refcount-table-outside-file", "refcount table runs past the end of the file")
             return
-        self.mark_meta_range(h.refcount_table_offset, rt_len, "refcount table")
-        e = np.frombuffer(raw, ">u8").astype(np.uint64)
-        res = (e & np.uint64(REFT_RESERVED_MASK)) != 0
-        if res.any():
-            i = int(np.flatnonzero(res)[0])
-            self.out.reject("reserved-bits", f"refcount table: {int(res.sum())} entries have reserved bits set "
-                            f"(first: index {i})")
-        off = e & np.uint64(REFT_OFFSET_MASK)
-        nz = off != 0
-        unal = nz & ((off & np.uint64(cs - 1)) != 0)
-        outside = nz & ~unal & self.past(off, cs)
-        for mask, code, what in ((unal, "refcount-block-unaligned", "is not cluster aligned"),
-                                 (outside, "refcount-block-outside-file", "runs past the end of the file")):
-            if mask.any():
-                i = int(np.flatnonzero(mask)[0])
-                self.out.reject(code, f"{int(mask.sum())} refcount blocks; first, refcount table[{i}] -> "
-                                f"{_hex(int(off[i]))}, {what}")
-        good = np.flatnonzero(nz & ~unal & ~outside)
-        self.refblock_idx = (off[good] >> np.uint64(cb)).astype(np.int64)
-        self.mark_meta_idx(self.refblock_idx)
+        self.mark_meta_range(rt_off, rt_len, "refcount table")
         order = h.refcount_order
         per_block_bits = cb + 3 - order
         per_block = 1 << per_block_bits
-        for k, i in enumerate(good.tolist()):
-            if k % 64 == 0:
-                self.tick()
-            first = i << per_block_bits
-            if first >= self.n:
-                continue
-            blk = self.rd.exact(int(off[i]), cs)
-            if blk is None:  # cannot happen: checked above
-                continue
-            vals = _decode_refcounts(blk, order)
-            cnt = min(per_block, self.n - first)
-            self.stored[first:first + cnt] = np.minimum(vals[:cnt], np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        agg: dict[str, list[int]] = {}
+        k = 0
+        for s in range(0, rt_len // 8, L1_CHUNK):
+            self.tick()
+            raw = self.rd.exact(rt_off + 8 * s, 8 * min(L1_CHUNK, rt_len // 8 - s))
+            if raw is None:  # cannot happen: checked above
+                return
+            e = np.frombuffer(raw, ">u8").astype(np.uint64)
+            res = (e & np.uint64(REFT_RESERVED_MASK)) != 0
+            off = e & np.uint64(REFT_OFFSET_MASK)
+            nz = off != 0
+            unal = nz & ((off & np.uint64(cs - 1)) != 0)
+            outside = nz & ~unal & self.past(off, cs)
+            for key, mask in (("res", res), ("unal", unal), ("outside", outside)):
+                if mask.any():
+                    i = int(np.flatnonzero(mask)[0])
+                    a = agg.setdefault(key, [0, s + i, int(off[i])])
+                    a[0] += int(mask.sum())
+            good = np.flatnonzero(nz & ~unal & ~outside)
+            bidx = (off[good] >> np.uint64(cb)).astype(np.int64)
+            if self.first:
+                self.refblock_idx.append(bidx)
+            self.mark_meta_idx(bidx)
+            for i, boff in zip((good + s).tolist(), off[good].tolist(), strict=True):
+                k += 1
+                if k % 64 == 0:
+                    self.tick()
+                first = i << per_block_bits
+                lo, hi = max(first, self.base), min(first + per_block, self.base + self.wn)
+                if lo >= hi:
+                    continue
+                blk = self.rd.exact(int(boff), cs)
+                if blk is None:  # cannot happen: checked above
+                    continue
+                vals = _decode_refcounts(blk, order)[lo - first:hi - first]
+                self.stored[lo - self.base:hi - self.base] = np.minimum(vals, np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        if "res" in agg:
+            self.out.reject("reserved-bits", f"refcount table: {agg['res'][0]} entries have reserved bits set "
+                            f"(first: index {agg['res'][1]})")
+        for key, code, what in (("unal", "refcount-block-unaligned", "is not cluster aligned"),
+                                ("outside", "refcount-block-outside-file", "runs past the end of the file")):
+            if key in agg:
+                cnt, i, o = agg[key]
+                self.out.reject(code, f"{cnt} refcount blocks; first, refcount table[{i}] -> {_hex(o)}, {what}")
 
     # -- L2 --------------------------------------------------------------------
 
     def walk_l2s(self, l2_idx: I64, mult: U64, active: npt.NDArray[np.bool_]) -> None:
-        """Read the distinct L2 tables in batches and check all their entries as arrays."""
-        per_batch = max(1, (2 << 20) // self.cs)
-        order = np.argsort(l2_idx)
-        l2_idx, mult, active = l2_idx[order], mult[order], active[order]
+        """Read the L2 tables (sorted, distinct) in batches and check all their entries as arrays."""
+        per_batch = max(1, L2_BATCH_BYTES // self.cs)
         for s in range(0, l2_idx.size, per_batch):
             self.tick()
             sl = slice(s, s + per_batch)
@@ -958,7 +1092,6 @@ class _Deep:
                 self.out.reject("l2-outside-file", "an L2 table runs past the end of the file")
                 return
             self.check_l2_batch(b"".join(b for b in bufs if b is not None), idx, mult[sl], active[sl])
-        self.flush_data()
 
     def check_l2_batch(self, raw: bytes, tables: I64, mult: U64, active: npt.NDArray[np.bool_]) -> None:
         h, cs, cb, out = self.h, self.cs, self.cb, self.out
@@ -1029,7 +1162,7 @@ class _Deep:
                     if sel.any():
                         parts.append((first[sel] + k, cm[sel]))
                 for pidx, pm in parts:
-                    self.role[pidx] |= R_DATA | R_COMPRESSED
+                    self._set_role(pidx, R_DATA | R_COMPRESSED)
                     self._add_weighted(pidx, pm)
 
         # ---- standard clusters
@@ -1066,29 +1199,25 @@ class _Deep:
                        f"first: {where(outside)}")
         good = alloc & ~unal & ~outside
         didx = (off[good] >> np.uint64(cb)).astype(np.int64)
-        self.role[didx] |= R_DATA
+        self._set_role(didx, R_DATA)
         self._add_weighted(didx, emult[good])
         # COPIED flag vs stored refcount, for L2 tables reachable from the active L1
         act = good & eactive
         if act.any():
             aidx = (off[act] >> np.uint64(cb)).astype(np.int64)
-            mism = (self.stored[aidx] == 1) != copied[act]
+            loc, sel = self.local(aidx)
+            acop = copied[act]
+            mism = (self.stored[loc] == 1) != (acop if sel is None else acop[sel])
             if mism.any():
                 n = int(mism.sum())
                 if not self.copied_example:
+                    pos = np.flatnonzero(act)
+                    if sel is not None:
+                        pos = pos[sel]
                     sub = np.zeros_like(act)
-                    sub[np.flatnonzero(act)[mism]] = True
+                    sub[pos[mism]] = True
                     self.copied_example = where(sub)
-                self.counts["copied_mismatch"] += n
-
-    def _add_weighted(self, idx: I64, m: U64) -> None:
-        if idx.size == 0:
-            return
-        if bool((m == 1).all()):
-            self.add_data(idx, 1)
-        else:
-            for v in np.unique(m).tolist():
-                self.add_data(idx[m == v], int(v))
+                self.copied_mismatch += n
 
     # -- bitmaps ---------------------------------------------------------------
 
@@ -1167,7 +1296,8 @@ class _Deep:
                     out.reject("bitmap-data-outside-file", f"{label}: {int(outside.sum())} bitmap data clusters "
                                "lie past the end of the file")
                 idx = (off[nz & ~unal & ~outside] >> np.uint64(self.cb)).astype(np.int64)
-                self.bitmap_data_idx.append(idx)
+                if self.first:
+                    self.bitmap_data_idx.append(idx)
                 self.mark_meta_idx(idx)
         if pos != dsize and (pos + 7) & ~7 != (dsize + 7) & ~7:
             out.reject("bad-bitmap", f"bitmap directory size {dsize} does not match its {nb} entries ({pos} bytes)")
@@ -1175,15 +1305,7 @@ class _Deep:
     # -- driver ----------------------------------------------------------------
 
     def run(self) -> None:
-        h, out, cs = self.h, self.out, self.cs
-        if self.n > MAX_HOST_CLUSTERS:
-            out.reject("too-many-clusters", f"file has {self.n} host clusters; deep check limited to "
-                       f"{MAX_HOST_CLUSTERS}")
-            return
-        self.refs = np.zeros(self.n, np.uint64)
-        self.stored = np.zeros(self.n, np.uint32)
-        self.role = np.zeros(self.n, np.uint8)
-        # 1. L1 tables: one reference per path to each L2 table
+        h, cs = self.h, self.cs
         l1s: list[tuple[int, int, bool, str]] = []
         if h.l1_ok:
             l1s.append((h.l1_table_offset, h.l1_size, True, "active L1 table"))
@@ -1197,42 +1319,46 @@ class _Deep:
                     l1s.append((sn.l1_offset, sn.l1_size, False, f"snapshot {i} L1 table"))
                 else:
                     self.complete = False
-        # L1 tables are metadata; mark them after the L2 multiplicities are taken
-        for off, size, active, label in l1s:
-            self.tick()
-            self.walk_l1(off, size, active, label)
-        l2_idx = np.flatnonzero(self.role & R_L2).astype(np.int64)
-        l2_mult = self.refs[l2_idx].copy()
-        l2_active = (self.role[l2_idx] & R_ACTIVE_L2) != 0
+        # 1. the L1 tables' entries (once)
         for off, size, _active, label in l1s:
-            self.mark_meta_range(off, size * 8, label)
-
-        # 2. fixed metadata
-        self.mark_meta_range(0, cs, "header")
-        if h.snapshots_ok and h.nb_snapshots:
-            self.mark_meta_range(h.snapshots_offset, h.snapshots_size, "snapshot table")
-        if h.crypto_header is not None:
-            self.mark_meta_range(h.crypto_header[0], h.crypto_header[1], "encryption header")
-        self.walk_bitmaps()
-
-        # 3. stored refcounts (needed for the COPIED checks of step 4)
-        if h.reftable_ok:
-            self.read_refcounts()
+            self.tick()
+            self.scan_l1(off, size, label)
         refcounts_known = h.reftable_ok
-
-        # 4. L2 tables, each once, weighted by the number of L1 paths to it
-        self.walk_l2s(l2_idx, l2_mult, l2_active)
-        if refcounts_known and self.active_l1_idx.size:
-            m = (self.stored[self.active_l1_idx] == 1) != self.active_l1_copied
-            if m.any():
-                self.counts["copied_mismatch"] += int(m.sum())
-                if not self.copied_example:
-                    self.copied_example = f"L2 table at {_hex(int(self.active_l1_idx[m][0]) << self.cb)}"
-
-        # 5. overlaps and refcount comparison
-        self.compare(refcounts_known)
+        for base in range(0, self.n, self.window):
+            self.begin(base)
+            self.passes += 1
+            # 2. fixed metadata
+            for off, size, _active, label in l1s:
+                self.mark_meta_range(off, size * 8, label)
+            self.mark_meta_range(0, cs, "header")
+            if h.snapshots_ok and h.nb_snapshots:
+                self.mark_meta_range(h.snapshots_offset, h.snapshots_size, "snapshot table")
+            if h.crypto_header is not None:
+                self.mark_meta_range(h.crypto_header[0], h.crypto_header[1], "encryption header")
+            self.walk_bitmaps()
+            # 3. stored refcounts (needed for the COPIED checks of step 4)
+            if refcounts_known:
+                self.read_refcounts()
+            # 4. L2 tables, each once, weighted by the number of L1 paths to it
+            for lo in range(0, self.n, self.l2_range):
+                l2_idx, mult, active = self.collect_l2(l1s, lo, min(lo + self.l2_range, self.n), refcounts_known)
+                loc, sel = self.local(l2_idx)
+                self._add(loc, mult if sel is None else mult[sel])
+                self.role[loc] |= R_L2
+                self.walk_l2s(l2_idx, mult, active)
+            self.flush_data()
+            # 5. overlaps and refcounts of this window
+            self.compare_window(refcounts_known)
+            if self.first:
+                self.first = False
+                self.walk_counts = self.counts
+                self.counts = {"compressed": 0, "zero": 0}
+                self.out = _Out()  # later passes repeat the table walks: their findings are already known
+        self.finish(refcounts_known)
 
     def describe(self, c: int) -> str:
+        """What window-local cluster ``c`` is used as."""
+        g = c + self.base
         r = int(self.role[c])
         what = []
         if r & R_DATA:
@@ -1240,36 +1366,63 @@ class _Deep:
         if r & R_L2:
             what.append("L2 table")
         for first, last, name in self.meta_ranges:
-            if first <= c <= last:
+            if first <= g <= last:
                 what.append(name)
-        if self.refblock_idx.size and bool((self.refblock_idx == c).any()):
+        if any(bool((a == g).any()) for a in self.refblock_idx):
             what.append("refcount block")
-        if any(bool((a == c).any()) for a in self.bitmap_data_idx):
+        if any(bool((a == g).any()) for a in self.bitmap_data_idx):
             what.append("bitmap data")
-        return f"cluster {_hex(c << self.cb)} used as " + " and ".join(what or ["metadata"])
+        return f"cluster {_hex(g << self.cb)} used as " + " and ".join(what or ["metadata"])
 
-    def compare(self, refcounts_known: bool) -> None:
-        out, role, refs = self.out, self.role, self.refs
+    def compare_window(self, refcounts_known: bool) -> None:
+        acc, role, refs, stored = self.acc, self.role, self.refs, self.stored
         kinds = ((role & R_DATA) != 0).astype(np.uint8) + ((role & R_L2) != 0) + ((role & R_META) != 0)
         overlap = (kinds > 1) | ((role & R_META2) != 0)
+        del kinds
         no = int(overlap.sum())
         if no:
-            ex = "; ".join(self.describe(int(c)) for c in np.flatnonzero(overlap)[:3])
-            out.reject("cluster-overlap", f"{no} host clusters are used for two different things: {ex}")
-        self.stats["overlapping_clusters"] = no
-        if self.counts["copied_mismatch"] and refcounts_known:
-            out.warn("copied-flag-mismatch", f"{self.counts['copied_mismatch']} L1/L2 entries have a COPIED flag "
-                     f"that does not match refcount == 1 (QEMU: OFLAG_COPIED errors); first: {self.copied_example}")
-        computed = np.minimum(refs, np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            for c in np.flatnonzero(overlap)[:3 - len(self.overlap_ex)].tolist():
+                self.overlap_ex.append(self.describe(int(c)))
+        acc["overlap"] += no
+        del overlap
         if refcounts_known:
-            low = self.stored < computed
-            high = self.stored > computed
-            nl, nh = int(low.sum()), int(high.sum())
+            low = stored < refs
+            nl = int(low.sum())
             if nl:
-                ex = ", ".join(f"{_hex(int(c) << self.cb)} (stored {int(self.stored[c])}, referenced "
-                               f"{int(computed[c])})" for c in np.flatnonzero(low)[:5])
+                for c in np.flatnonzero(low)[:5 - len(self.low_ex)].tolist():
+                    self.low_ex.append(f"{_hex((c + self.base) << self.cb)} (stored {int(stored[c])}, referenced "
+                                       f"{int(refs[c])})")
+            del low
+            high = stored > refs
+            nh = int(high.sum())
+            if nh and not self.high_ex:
+                self.high_ex = _hex((int(np.flatnonzero(high)[0]) + self.base) << self.cb)
+            del high
+            acc["low"] += nl
+            acc["high"] += nh
+        used = refs != 0
+        nused = int(np.count_nonzero(used))
+        if nused:
+            acc["end"] = self.base + self.wn - int(np.argmax(used[::-1]))
+        acc["used"] += nused
+        acc["data"] += int(np.count_nonzero(role & R_DATA))
+        acc["meta"] += int(np.count_nonzero(role & (R_META | R_L2)))
+        acc["l2"] += int(np.count_nonzero(role & R_L2))
+
+    def finish(self, refcounts_known: bool) -> None:
+        out, acc = self.report, self.acc
+        if acc["overlap"]:
+            out.reject("cluster-overlap", f"{acc['overlap']} host clusters are used for two different things: "
+                       + "; ".join(self.overlap_ex))
+        self.stats["overlapping_clusters"] = acc["overlap"]
+        if self.copied_mismatch and refcounts_known:
+            out.warn("copied-flag-mismatch", f"{self.copied_mismatch} L1/L2 entries have a COPIED flag "
+                     f"that does not match refcount == 1 (QEMU: OFLAG_COPIED errors); first: {self.copied_example}")
+        if refcounts_known:
+            nl, nh = acc["low"], acc["high"]
+            if nl:
                 msg = (f"{nl} clusters have a stored refcount lower than their number of references, so a write "
-                       f"could free or overwrite a cluster still in use; first: {ex}")
+                       f"could free or overwrite a cluster still in use; first: {', '.join(self.low_ex)}")
                 if self.h.incompatible & INCOMPAT_DIRTY:
                     out.warn("refcount-mismatch", msg + " (dirty bit set: QEMU rebuilds refcounts)")
                 else:
@@ -1278,23 +1431,20 @@ class _Deep:
                 self.stats["refcounts_incomplete"] = 1
             elif nh:
                 out.warn("leaked-clusters", f"{nh} clusters have a stored refcount higher than their references "
-                         f"(leaked space; 'qemu-img check -r leaks' frees them); first: "
-                         f"{_hex(int(np.flatnonzero(high)[0]) << self.cb)}")
+                         f"(leaked space; 'qemu-img check -r leaks' frees them); first: {self.high_ex}")
             self.stats["refcount_mismatches"] = nl
             self.stats["leaked_clusters"] = nh
-        usedmask = refs != 0
-        nused = int(np.count_nonzero(usedmask))
-        last_used = self.n - int(np.argmax(usedmask[::-1])) if nused else 0
         self.stats.update({
             "host_clusters": self.n,
-            "data_clusters": int(((role & R_DATA) != 0).sum()),
-            "compressed_clusters": self.counts["compressed"],
-            "zero_clusters": self.counts["zero"],
-            "metadata_clusters": int(((role & (R_META | R_L2)) != 0).sum()),
-            "l2_tables": int(((role & R_L2) != 0).sum()),
-            "allocated_bytes": nused * self.cs,
-            "image_end_offset": last_used * self.cs,
-            "copied_mismatches": self.counts["copied_mismatch"],
+            "data_clusters": acc["data"],
+            "compressed_clusters": self.walk_counts["compressed"],
+            "zero_clusters": self.walk_counts["zero"],
+            "metadata_clusters": acc["meta"],
+            "l2_tables": acc["l2"],
+            "allocated_bytes": acc["used"] * self.cs,
+            "image_end_offset": acc["end"] * self.cs,
+            "copied_mismatches": self.copied_mismatch,
+            "passes": self.passes,
         })
 
 
@@ -1358,13 +1508,16 @@ def read_info(path: str | os.PathLike[str]) -> Qcow2Info:
 
 
 def verify(path: str | os.PathLike[str], *, deep: bool = True, max_virtual_size: int | None = None,
-           time_limit: float = 300.0) -> Qcow2Report:
+           time_limit: float = 300.0, window_clusters: int = WINDOW_CLUSTERS,
+           l2_range_clusters: int = L2_RANGE_CLUSTERS) -> Qcow2Report:
     """Verify a qcow2 image; every problem becomes a :class:`Finding` (see module doc).
 
     ``deep=False`` checks the header, extensions, snapshot table and table
     placement only; ``deep=True`` also walks every L1/L2/refcount/bitmap table
     and recomputes the refcounts.  Raises :class:`ImageReadError` only when the
-    file cannot be opened or read (ENOENT, EACCES, EIO).
+    file cannot be opened or read (ENOENT, EACCES, EIO).  ``window_clusters`` and
+    ``l2_range_clusters`` trade memory for passes (the tests use tiny values to
+    show that the result does not depend on them).
     """
     start = time.monotonic()
     fd, size, p = _open(path)
@@ -1378,7 +1531,7 @@ def verify(path: str | os.PathLike[str], *, deep: bool = True, max_virtual_size:
             info = h.info()
             stats["cluster_size"] = h.cluster_size
             if deep:
-                d = _Deep(rd, h, out, start + time_limit)
+                d = _Deep(rd, h, out, start + time_limit, window_clusters, l2_range_clusters)
                 try:
                     d.run()
                 except _Timeout:
