@@ -34,12 +34,15 @@ class _LazyConsole:
         self._stderr = stderr
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
 
 
 err_console: Any = _LazyConsole(stderr=True)
@@ -268,7 +271,7 @@ class ProgressBar:
 
         self.enabled = err_console.is_terminal and not _state().json
         self._progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
-                                  TimeElapsedColumn(), console=err_console, transient=True)
+                                  TimeElapsedColumn(), console=err_console.real(), transient=True)
         self._tasks: dict[str, Any] = {}
         self.label = label
 
