@@ -267,11 +267,13 @@ class ProgressBar:
     """A rich progress bar on stderr; silent when stderr is not a TTY or with --json."""
 
     def __init__(self, label: str) -> None:
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+        self.enabled = not _state().json and sys.stderr.isatty() and err_console.is_terminal
+        self._progress: Any = None
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-        self.enabled = err_console.is_terminal and not _state().json
-        self._progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
-                                  TimeElapsedColumn(), console=err_console.real(), transient=True)
+            self._progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
+                                      TimeElapsedColumn(), console=err_console.real(), transient=True)
         self._tasks: dict[str, Any] = {}
         self.label = label
 
