@@ -103,7 +103,7 @@ MAX_VIRTUAL_SIZE = 2**63 - 512  # BDRV_MAX_LENGTH-ish: QEMU keeps sizes in int64
 
 #: Host clusters per pass of the deep check (9 bytes of arrays each: 9 MiB a pass); bigger files take
 #: more passes, so memory stays the same whatever the size of the image.
-WINDOW_CLUSTERS = 1 << 20
+WINDOW_CLUSTERS = 3 << 19
 #: L2 tables are gathered from the L1 tables this many host clusters at a time (dense u64 counters).
 L2_RANGE_CLUSTERS = 1 << 18
 #: L1 and refcount-table entries decoded at a time.
@@ -112,6 +112,8 @@ L1_CHUNK = 1 << 16
 L2_BATCH_BYTES = 256 << 10
 #: Data-cluster references buffered before they are added to the refcounts.
 PENDING_DATA = 1 << 17
+#: Host clusters compared at a time at the end of a window.
+COMPARE_SLICE = 1 << 18
 #: Findings kept per finding code; the rest are only counted.
 MAX_FINDINGS_PER_CODE = 20
 
@@ -830,6 +832,7 @@ class _Deep:
         self.walk_counts = self.counts
         self.copied_mismatch = 0
         self.copied_example = ""
+        self.l2_findings: dict[tuple[str, str], list[Any]] = {}
         self._pending: list[tuple[I64, int]] = []
         self._pending_len = 0
         self.complete = True
@@ -853,9 +856,16 @@ class _Deep:
     def begin(self, base: int) -> None:
         self.base = base
         self.wn = min(self.window, self.n - base)
-        self.refs = np.zeros(self.wn, np.uint32)
-        self.stored = np.zeros(self.wn, np.uint32)
-        self.role = np.zeros(self.wn, np.uint8)
+        if self.refs.size == self.wn:  # reuse: never two windows' arrays in memory at once
+            self.refs.fill(0)
+            self.stored.fill(0)
+            self.role.fill(0)
+        else:
+            self.refs = self.stored = np.zeros(0, np.uint32)
+            self.role = np.zeros(0, np.uint8)
+            self.refs = np.zeros(self.wn, np.uint32)
+            self.stored = np.zeros(self.wn, np.uint32)
+            self.role = np.zeros(self.wn, np.uint8)
         self.added = 0
         self._pending = []
         self._pending_len = 0
@@ -1080,6 +1090,19 @@ class _Deep:
 
     # -- L2 --------------------------------------------------------------------
 
+    def l2_reject(self, code: str, count: int, text: str, first: str) -> None:
+        """An L2-entry problem: summed over all L2 tables into one finding per (code, text)."""
+        agg = self.l2_findings.get((code, text))
+        if agg is None:
+            self.l2_findings[(code, text)] = [count, first]
+        else:
+            agg[0] = int(agg[0]) + count
+
+    def emit_l2_findings(self) -> None:
+        for (code, text), (count, first) in sorted(self.l2_findings.items()):
+            self.out.reject(code, f"{count} {text}; first: {first}")
+        self.l2_findings = {}
+
     def walk_l2s(self, l2_idx: I64, mult: U64, active: npt.NDArray[np.bool_]) -> None:
         """Read the L2 tables (sorted, distinct) in batches and check all their entries as arrays."""
         per_batch = max(1, L2_BATCH_BYTES // self.cs)
@@ -1094,7 +1117,7 @@ class _Deep:
             self.check_l2_batch(b"".join(b for b in bufs if b is not None), idx, mult[sl], active[sl])
 
     def check_l2_batch(self, raw: bytes, tables: I64, mult: U64, active: npt.NDArray[np.bool_]) -> None:
-        h, cs, cb, out = self.h, self.cs, self.cb, self.out
+        h, cs, cb = self.h, self.cs, self.cb
         a = np.frombuffer(raw, ">u8").astype(np.uint64)
         ext = h.extended_l2
         if ext:
@@ -1122,16 +1145,16 @@ class _Deep:
             self.counts["compressed"] += int(comp.sum())
             m = comp & copied
             if m.any():
-                out.reject("copied-on-compressed", f"{int(m.sum())} compressed L2 entries have the COPIED flag; "
-                           f"first: {where(m)}")
+                self.l2_reject("copied-on-compressed", int(m.sum()), "compressed L2 entries have the COPIED flag",
+                               where(m))
             if ext:
                 m = comp & (bm != 0)
                 if m.any():
-                    out.reject("reserved-bits", f"{int(m.sum())} compressed extended L2 entries have a non-zero "
-                               f"subcluster bitmap; first: {where(m)}")
+                    self.l2_reject("reserved-bits", int(m.sum()), "compressed extended L2 entries have a non-zero "
+                                   "subcluster bitmap", where(m))
             if h.has_data_file:
-                out.reject("compressed-with-data-file", f"compressed cluster in an image with an external data "
-                           f"file: {where(comp)}")
+                self.l2_reject("compressed-with-data-file", int(comp.sum()), "compressed clusters in an image "
+                               "with an external data file", where(comp))
             else:
                 x = 62 - (cb - 8)
                 ce = e[comp]
@@ -1141,8 +1164,8 @@ class _Deep:
                     if hi.any():
                         sub = np.zeros_like(comp)
                         sub[np.flatnonzero(comp)[hi]] = True
-                        out.reject("reserved-bits", f"{int(hi.sum())} compressed descriptors use offset bits above "
-                                   f"55; first: {where(sub)}")
+                        self.l2_reject("reserved-bits", int(hi.sum()), "compressed descriptors use offset bits "
+                                       "above 55", where(sub))
                         coff = coff & np.uint64((1 << 56) - 1)
                 nsec = ((ce >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)) + np.uint64(1)
                 end = (coff & np.uint64(~511 & 0xFFFFFFFFFFFFFFFF)) + nsec * np.uint64(512)
@@ -1150,8 +1173,8 @@ class _Deep:
                 if bad.any():
                     sub = np.zeros_like(comp)
                     sub[np.flatnonzero(comp)[bad]] = True
-                    out.reject("compressed-outside-file", f"{int(bad.sum())} compressed clusters run past the end of "
-                               f"the file; first: {where(sub)}")
+                    self.l2_reject("compressed-outside-file", int(bad.sum()), "compressed clusters run past the end "
+                                   "of the file", where(sub))
                 ok = ~bad
                 first = (coff[ok] >> np.uint64(cb)).astype(np.int64)
                 last = np.minimum(((end[ok] - np.uint64(1)) >> np.uint64(cb)).astype(np.int64), self.n - 1)
@@ -1170,7 +1193,7 @@ class _Deep:
         rmask = L2E_STD_RESERVED_MASK | (OFLAG_ZERO if (h.version == 2 or ext) else 0)
         res = std & ((e & np.uint64(rmask)) != 0)
         if res.any():
-            out.reject("reserved-bits", f"{int(res.sum())} L2 entries have reserved bits set; first: {where(res)}")
+            self.l2_reject("reserved-bits", int(res.sum()), "L2 entries have reserved bits set", where(res))
         if h.version == 3 and not ext:
             self.counts["zero"] += int(((se & np.uint64(OFLAG_ZERO)) != 0).sum())
         off = e & np.uint64(L2E_OFFSET_MASK)
@@ -1180,23 +1203,23 @@ class _Deep:
             hi32 = bm >> np.uint64(32)
             m = std & ((lo & hi32) != 0)
             if m.any():
-                out.reject("bad-subcluster-bitmap", f"{int(m.sum())} extended L2 entries mark subclusters both "
-                           f"allocated and zero; first: {where(m)}")
+                self.l2_reject("bad-subcluster-bitmap", int(m.sum()), "extended L2 entries mark subclusters both "
+                               "allocated and zero", where(m))
             m = std & (off == 0) & (lo != 0)
             if m.any():
-                out.reject("bad-subcluster-bitmap", f"{int(m.sum())} extended L2 entries allocate subclusters "
-                           f"without a host cluster; first: {where(m)}")
+                self.l2_reject("bad-subcluster-bitmap", int(m.sum()), "extended L2 entries allocate subclusters "
+                               "without a host cluster", where(m))
             self.counts["zero"] += int((std & (hi32 == np.uint64(0xFFFFFFFF))).sum())
         if h.has_data_file:
             return  # data offsets refer to the external file
         unal = alloc & ((off & np.uint64(cs - 1)) != 0)
         if unal.any():
-            out.reject("data-unaligned", f"{int(unal.sum())} data cluster offsets are not cluster aligned; "
-                       f"first: {where(unal)}")
+            self.l2_reject("data-unaligned", int(unal.sum()), "data cluster offsets are not cluster aligned",
+                           where(unal))
         outside = alloc & ~unal & (off >= np.uint64(self.fsize))
         if outside.any():
-            out.reject("data-outside-file", f"{int(outside.sum())} data clusters lie past the end of the file; "
-                       f"first: {where(outside)}")
+            self.l2_reject("data-outside-file", int(outside.sum()), "data clusters lie past the end of the file",
+                           where(outside))
         good = alloc & ~unal & ~outside
         didx = (off[good] >> np.uint64(cb)).astype(np.int64)
         self._set_role(didx, R_DATA)
@@ -1346,6 +1369,7 @@ class _Deep:
                 self._add(loc, mult if sel is None else mult[sel])
                 self.role[loc] |= R_L2
                 self.walk_l2s(l2_idx, mult, active)
+            self.emit_l2_findings()
             self.flush_data()
             # 5. overlaps and refcounts of this window
             self.compare_window(refcounts_known)
@@ -1375,39 +1399,40 @@ class _Deep:
         return f"cluster {_hex(g << self.cb)} used as " + " and ".join(what or ["metadata"])
 
     def compare_window(self, refcounts_known: bool) -> None:
-        acc, role, refs, stored = self.acc, self.role, self.refs, self.stored
-        kinds = ((role & R_DATA) != 0).astype(np.uint8) + ((role & R_L2) != 0) + ((role & R_META) != 0)
-        overlap = (kinds > 1) | ((role & R_META2) != 0)
-        del kinds
-        no = int(overlap.sum())
-        if no:
-            for c in np.flatnonzero(overlap)[:3 - len(self.overlap_ex)].tolist():
-                self.overlap_ex.append(self.describe(int(c)))
-        acc["overlap"] += no
-        del overlap
-        if refcounts_known:
-            low = stored < refs
-            nl = int(low.sum())
-            if nl:
-                for c in np.flatnonzero(low)[:5 - len(self.low_ex)].tolist():
-                    self.low_ex.append(f"{_hex((c + self.base) << self.cb)} (stored {int(stored[c])}, referenced "
-                                       f"{int(refs[c])})")
-            del low
-            high = stored > refs
-            nh = int(high.sum())
-            if nh and not self.high_ex:
-                self.high_ex = _hex((int(np.flatnonzero(high)[0]) + self.base) << self.cb)
-            del high
-            acc["low"] += nl
-            acc["high"] += nh
-        used = refs != 0
-        nused = int(np.count_nonzero(used))
-        if nused:
-            acc["end"] = self.base + self.wn - int(np.argmax(used[::-1]))
-        acc["used"] += nused
-        acc["data"] += int(np.count_nonzero(role & R_DATA))
-        acc["meta"] += int(np.count_nonzero(role & (R_META | R_L2)))
-        acc["l2"] += int(np.count_nonzero(role & R_L2))
+        """Overlaps, refcount mismatches and counters of this window (in slices: small temporaries)."""
+        acc = self.acc
+        step = COMPARE_SLICE
+        for s0 in range(0, self.wn, step):
+            sl = slice(s0, min(s0 + step, self.wn))
+            role, refs, stored = self.role[sl], self.refs[sl], self.stored[sl]
+            kinds = ((role & R_DATA) != 0).astype(np.uint8) + ((role & R_L2) != 0) + ((role & R_META) != 0)
+            overlap = (kinds > 1) | ((role & R_META2) != 0)
+            no = int(overlap.sum())
+            if no:
+                for c in np.flatnonzero(overlap)[:3 - len(self.overlap_ex)].tolist():
+                    self.overlap_ex.append(self.describe(int(c) + s0))
+            acc["overlap"] += no
+            if refcounts_known:
+                low = stored < refs
+                nl = int(low.sum())
+                if nl:
+                    for c in np.flatnonzero(low)[:5 - len(self.low_ex)].tolist():
+                        self.low_ex.append(f"{_hex((c + s0 + self.base) << self.cb)} (stored {int(stored[c])}, "
+                                           f"referenced {int(refs[c])})")
+                high = stored > refs
+                nh = int(high.sum())
+                if nh and not self.high_ex:
+                    self.high_ex = _hex((int(np.flatnonzero(high)[0]) + s0 + self.base) << self.cb)
+                acc["low"] += nl
+                acc["high"] += nh
+            used = refs != 0
+            nused = int(np.count_nonzero(used))
+            if nused:
+                acc["end"] = self.base + sl.stop - int(np.argmax(used[::-1]))
+            acc["used"] += nused
+            acc["data"] += int(np.count_nonzero(role & R_DATA))
+            acc["meta"] += int(np.count_nonzero(role & (R_META | R_L2)))
+            acc["l2"] += int(np.count_nonzero(role & R_L2))
 
     def finish(self, refcounts_known: bool) -> None:
         out, acc = self.report, self.acc
