@@ -47,10 +47,10 @@ All reads go through ``os.pread`` on one descriptor.  Every loop runs over a
 table whose size was first validated against QEMU's limits and the file size,
 and ``time_limit`` stops the deep walk (``time-limit`` reject).  Memory is the
 same whatever the size of the image: the deep check works on windows of
-``WINDOW_CLUSTERS`` host clusters (1M), with three arrays per window (computed
-refcount u32, stored refcount u32, role bits u8: 9 MiB), walking the tables
-again for each window (one pass up to 4 GiB files with 4 KiB clusters, up to
-64 GiB with 64 KiB clusters).  Everything else is read in bounded pieces: L1 and
+``WINDOW_CLUSTERS`` host clusters (1.5M), with three arrays per window (computed
+refcount u32, stored refcount u32, role bits u8: 13.5 MiB), walking the tables
+again for each window (one pass up to 6 GiB files with 4 KiB clusters, up to
+96 GiB with 64 KiB clusters).  Everything else is read in bounded pieces: L1 and
 refcount-table entries 64K at a time, L2 tables in 256 KiB batches, and the L2
 tables are gathered from the L1 tables 256K host clusters at a time into dense
 counters (2.3 MiB).  Measured peak RSS of ``imagekit check`` (Python, click,
@@ -101,7 +101,7 @@ BME_FLAG_IN_USE = 1
 INT_MAX = 2**31 - 1
 MAX_VIRTUAL_SIZE = 2**63 - 512  # BDRV_MAX_LENGTH-ish: QEMU keeps sizes in int64
 
-#: Host clusters per pass of the deep check (9 bytes of arrays each: 9 MiB a pass); bigger files take
+#: Host clusters per pass of the deep check (9 bytes of arrays each: 13.5 MiB); bigger files take
 #: more passes, so memory stays the same whatever the size of the image.
 WINDOW_CLUSTERS = 3 << 19
 #: L2 tables are gathered from the L1 tables this many host clusters at a time (dense u64 counters).
