@@ -173,3 +173,24 @@ NEEDS_GUEST = [
     pytest.mark.skipif(shutil.which("debootstrap") is None and not image_path().is_file(),
                        reason="debootstrap is not installed and no cached test image"),
 ]
+
+
+def dpkg_status(text: str, installed_only: bool = False) -> dict[str, dict[str, str]]:
+    """An image's /var/lib/dpkg/status as {package: fields} (the tests' independent ground truth).
+
+    ``installed_only``: only "install ok installed" entries, keyed ``name:arch``."""
+    out: dict[str, dict[str, str]] = {}
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                k, v = line.split(":", 1)
+                fields[k] = v.strip()
+        if "Package" not in fields:
+            continue
+        if installed_only:
+            if fields.get("Status") == "install ok installed":
+                out[fields["Package"] + ":" + fields.get("Architecture", "")] = fields
+        else:
+            out[fields["Package"]] = fields
+    return out

@@ -215,19 +215,6 @@ def _passwd(text: str, name: str) -> list[str]:
     return next(line.split(":") for line in text.splitlines() if line.split(":")[0] == name)
 
 
-def _dpkg_status(text: str) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, v = line.split(":", 1)
-                fields[k] = v.strip()
-        if "Package" in fields:
-            out[fields["Package"]] = fields
-    return out
-
-
 # ---------------------------------------------------------------- the shared run
 
 
@@ -291,7 +278,7 @@ def test_run_and_script_inside_the_guest(customised: Customised, result: Readbac
 
 
 def test_packages_installed_and_removed_from_the_mirror(customised: Customised, result: Readback) -> None:
-    status = _dpkg_status(result.files["/var/lib/dpkg/status"])
+    status = guest_image.dpkg_status(result.files["/var/lib/dpkg/status"])
     assert status["tree"]["Status"] == "install ok installed"
     assert result.exists["/usr/bin/tree"]
     assert "hello" not in status or status["hello"]["Status"] != "install ok installed"

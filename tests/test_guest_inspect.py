@@ -21,19 +21,6 @@ from tests import guest_image
 needs_guest = guest_image.NEEDS_GUEST
 
 
-def _dpkg_installed(text: str) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, v = line.split(":", 1)
-                fields[k] = v.strip()
-        if fields.get("Status") == "install ok installed":
-            out[fields["Package"] + ":" + fields.get("Architecture", "")] = fields
-    return out
-
-
 @pytest.fixture(scope="module")
 def inspected() -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
     from imagekit.guest import open_image
@@ -41,7 +28,7 @@ def inspected() -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
     image = guest_image.debian_image()
     with open_image(image, readonly=True, fmt="qcow2") as s:
         info = sbom.guest_info(s)
-        status = _dpkg_installed(s.read_text("/var/lib/dpkg/status"))
+        status = guest_image.dpkg_status(s.read_text("/var/lib/dpkg/status"), installed_only=True)
     return info, status
 
 
