@@ -401,3 +401,24 @@ def test_empty_and_garbage_files(tmp_path: Path) -> None:
     assert "header-truncated" in codes(qcow2.verify(g))
     with pytest.raises(ImageReadError):
         qcow2.read_info(e)
+
+
+def test_memory_does_not_grow_with_the_image(tmp_path: Path) -> None:
+    """With the window fixed, the deep check of an image 8x bigger (8x the host clusters, 8x the passes)
+    allocates no more: peak traced allocations (numpy's included) stay within 25% and under 4 MiB."""
+    import tracemalloc
+
+    small = qf.with_data(tmp_path / "s.qcow2", "64M", opts="cluster_size=4096", writes=("write -P 1 0 32M",))
+    big = qf.with_data(tmp_path / "b.qcow2", "512M", opts="cluster_size=4096", writes=("write -P 2 0 256M",))
+    peaks = {}
+    for name, p in (("small", small), ("big", big)):
+        tracemalloc.start()
+        try:
+            r = qcow2.verify(p, window_clusters=4096, l2_range_clusters=4096)
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r.verdict == "accept", r.findings
+        peaks[name + "_passes"] = r.stats["passes"]
+    assert peaks["big_passes"] > 4 * peaks["small_passes"]
+    assert peaks["big"] < 1.25 * peaks["small"] and peaks["big"] < 4 << 20, peaks
