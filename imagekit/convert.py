@@ -54,6 +54,7 @@ class ConvertOptions:
     keep_snapshots: bool = False
     force: bool = False
     max_virtual_size: int | None = None
+    declared: str | None = None  # the input's declared format: a different detected one is refused
     timeout: float = 6 * 3600
 
 
@@ -179,7 +180,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     notes: list[str] = []
 
     t = time.monotonic()
-    in_verdict = check(src_path, max_virtual_size=opts.max_virtual_size)
+    in_verdict = check(src_path, declared=opts.declared, max_virtual_size=opts.max_virtual_size)
     seconds["check_input"] = round(time.monotonic() - t, 3)
     if not in_verdict.ok:
         raise UnsafeImageError(

@@ -14,6 +14,7 @@ import pytest
 from imagekit import pipeline
 from imagekit import recipe as rec
 from imagekit.download import ChecksumMismatch
+from imagekit.errors import UnsafeImageError
 from tests.http_fixture import FileServer
 
 
@@ -94,3 +95,31 @@ def test_cache_prune(served: FileServer, tmp_path: Path, imagekit) -> None:
     assert imagekit("cache", "prune", "--all", env=env).code == 0
     assert cached_entries() == []
     assert imagekit("cache", "prune", env=env).code == 2
+
+
+def test_unsafe_or_mislabelled_base_is_refused(served: FileServer, tmp_path: Path) -> None:
+    """The base passes the checksum but not the safety check (a backing-file reference), or its
+    recipe declares another format: refused by the one check convert runs, nothing built."""
+    hostile = served.root / "hostile.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw",
+                    str(hostile), "64M"], check=True)
+    sha = hashlib.sha256(hostile.read_bytes()).hexdigest()
+    p = tmp_path / "hostile.yaml"
+    p.write_text(
+        "name: hostile\ndescription: a base with a backing file\nos: {type: linux, distro: debian, version: '12'}\n"
+        f"build:\n  method: cloud-image\n  base: {{url: {served.url('hostile.qcow2')}, sha256: '{sha}'}}\ndisk_size: 64M\n")
+    with pytest.raises(UnsafeImageError) as exc:
+        pipeline.build(rec.load(p), tmp_path / "out")
+    assert exc.value.exit_code == 3
+    assert "backing-file" in str(exc.value) and "failed the safety check" in str(exc.value)
+
+    good = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
+    p.write_text(
+        "name: hostile\ndescription: a qcow2 base declared raw\nos: {type: linux, distro: debian, version: '12'}\n"
+        f"build:\n  method: cloud-image\n  base: {{url: {served.url('base.qcow2')}, sha256: '{good}'}}\n"
+        "  format: raw\ndisk_size: 64M\n")
+    with pytest.raises(UnsafeImageError) as exc:
+        pipeline.build(rec.load(p), tmp_path / "out")
+    assert "format-mismatch" in str(exc.value)
+    assert cached_entries() == []
+    assert not any((tmp_path / "out").iterdir())

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from imagekit import download
 from imagekit import run as runner
-from imagekit.check import check
 from imagekit.convert import ConvertOptions, convert
 from imagekit.errors import ImagekitError, UnsafeImageError
 from imagekit.recipe import CloudImageBuild, Recipe
+from imagekit.verdict import Verdict
 
 log = logging.getLogger("imagekit.cloud_image")
 
@@ -42,12 +42,14 @@ def build(recipe: Recipe, out: Path, *, progress: Callable[[int, int | None], No
     if not isinstance(spec, CloudImageBuild):
         raise CloudImageError(f"recipe {recipe.name} does not use the cloud-image build method")
     fetched = download.fetch(spec.base, progress)
-    verdict = check(fetched.path, declared=spec.format)
-    if not verdict.ok:
+    try:
+        result = convert(fetched.path, out, ConvertOptions(out_format="qcow2", force=True, declared=spec.format))
+    except UnsafeImageError as exc:
+        codes = exc.verdict.codes() if isinstance(exc.verdict, Verdict) else []
         raise UnsafeImageError(
-            f"the base image {spec.base.url} failed the safety check ({', '.join(verdict.codes())})",
-            "the checksum matched, so this is what upstream publishes: do not build on it", verdict)
-    result = convert(fetched.path, out, ConvertOptions(out_format="qcow2", force=True))
+            f"the base image {spec.base.url} failed the safety check ({', '.join(codes)})",
+            "the checksum matched, so this is what upstream publishes: do not build on it", exc.verdict) from exc
+    verdict = result.input_verdict
     size = result.output.virtual_size
     resized = False
     if recipe.disk_bytes > size:
