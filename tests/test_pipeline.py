@@ -34,12 +34,14 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         srv.stop()
 
 
-def recipe_for(tmp: Path, srv: FileServer, sha: str, extra: str = "") -> rec.Recipe:
+def recipe_for(tmp: Path, srv: FileServer, sha: str, extra: str = "", base: str = "base.qcow2",
+               declared: str | None = None) -> rec.Recipe:
     p = tmp / "tiny.yaml"
     p.write_text(
         "name: tiny\ndescription: tiny test image\nos: {type: linux, distro: debian, version: '12'}\n"
-        f"build:\n  method: cloud-image\n  base: {{url: {srv.url('base.qcow2')}, sha256: '{sha}'}}\n"
-        "disk_size: 64M\noutput: {compat: '0.10', cluster_size: 4K}\n" + extra)
+        f"build:\n  method: cloud-image\n  base: {{url: {srv.url(base)}, sha256: '{sha}'}}\n"
+        + (f"  format: {declared}\n" if declared else "")
+        + "disk_size: 64M\noutput: {compat: '0.10', cluster_size: 4K}\n" + extra)
     return rec.load(p)
 
 
@@ -104,22 +106,14 @@ def test_unsafe_or_mislabelled_base_is_refused(served: FileServer, tmp_path: Pat
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw",
                     str(hostile), "64M"], check=True)
     sha = hashlib.sha256(hostile.read_bytes()).hexdigest()
-    p = tmp_path / "hostile.yaml"
-    p.write_text(
-        "name: hostile\ndescription: a base with a backing file\nos: {type: linux, distro: debian, version: '12'}\n"
-        f"build:\n  method: cloud-image\n  base: {{url: {served.url('hostile.qcow2')}, sha256: '{sha}'}}\ndisk_size: 64M\n")
     with pytest.raises(UnsafeImageError) as exc:
-        pipeline.build(rec.load(p), tmp_path / "out")
+        pipeline.build(recipe_for(tmp_path, served, sha, base="hostile.qcow2"), tmp_path / "out")
     assert exc.value.exit_code == 3
     assert "backing-file" in str(exc.value) and "failed the safety check" in str(exc.value)
 
     good = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
-    p.write_text(
-        "name: hostile\ndescription: a qcow2 base declared raw\nos: {type: linux, distro: debian, version: '12'}\n"
-        f"build:\n  method: cloud-image\n  base: {{url: {served.url('base.qcow2')}, sha256: '{good}'}}\n"
-        "  format: raw\ndisk_size: 64M\n")
     with pytest.raises(UnsafeImageError) as exc:
-        pipeline.build(rec.load(p), tmp_path / "out")
+        pipeline.build(recipe_for(tmp_path, served, good, declared="raw"), tmp_path / "out")
     assert "format-mismatch" in str(exc.value)
     assert cached_entries() == []
     assert not any((tmp_path / "out").iterdir())
