@@ -2,7 +2,8 @@
 
 Every error carries a message (what went wrong) and an optional hint (what to do).
 ``exit_code`` follows the CLI contract: 1 failed, 2 bad usage or invalid recipe,
-3 unsafe image.
+3 unsafe image. ``code`` is a stable, kebab-case name for machines (the ``error.code``
+of a ``--json`` document); every subclass that means something new sets its own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ class ImagekitError(Exception):
     """Base class of every error imagekit raises on purpose."""
 
     exit_code = 1
+    code = "failed"
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -19,18 +21,20 @@ class ImagekitError(Exception):
         self.hint = hint
 
     def to_dict(self) -> dict[str, object]:
-        return {"error": self.message, "hint": self.hint, "kind": type(self).__name__}
+        return {"error": self.message, "hint": self.hint, "kind": type(self).__name__, "code": self.code}
 
 
 class UsageError(ImagekitError):
     """The command line asks for something that cannot be done as asked."""
 
+    code = "usage"
     exit_code = 2
 
 
 class RecipeError(ImagekitError):
     """A recipe is missing, malformed or invalid. ``problems`` lists every finding."""
 
+    code = "recipe-invalid"
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None, problems: list[str] | None = None) -> None:
@@ -46,10 +50,13 @@ class RecipeError(ImagekitError):
 class ImageReadError(ImagekitError):
     """An image cannot be read (missing, unreadable, truncated while reading)."""
 
+    code = "image-unreadable"
+
 
 class UnsafeImageError(ImagekitError):
     """An image failed the safety check; ``verdict`` holds the findings."""
 
+    code = "unsafe-image"
     exit_code = 3
 
     def __init__(self, message: str, hint: str | None = None, verdict: object | None = None) -> None:
@@ -67,9 +74,11 @@ class UnsafeImageError(ImagekitError):
 class ToolError(ImagekitError):
     """An external program is missing, failed or timed out."""
 
+    code = "tool-failed"
+
 
 class ToolNotFound(ToolError):
-    pass
+    code = "tool-missing"
 
 
 class ToolFailed(ToolError):
@@ -80,8 +89,10 @@ class ToolFailed(ToolError):
 
 
 class ToolTimeout(ToolError):
-    pass
+    code = "tool-timeout"
 
 
 class OutputExistsError(ImagekitError):
-    exit_code = 1
+    """The output already exists and replacing it was not asked for."""
+
+    code = "output-exists"

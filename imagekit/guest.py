@@ -37,6 +37,7 @@ from typing import Any
 
 from imagekit import accel as accel_mod
 from imagekit.errors import ImagekitError
+from imagekit.specs import parse_duration  # noqa: F401 - re-exported
 
 log = logging.getLogger("imagekit.guest")
 
@@ -106,32 +107,6 @@ def _child_qemu_pids() -> list[int]:
         if len(fields) > 1 and int(fields[1]) == me and comm.startswith("qemu"):
             found.append(int(entry))
     return found
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Seconds from ``90``, ``90s``, ``30m``, ``2h`` or ``1h30m``."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    s = str(text).strip().lower()
-    if not s:
-        raise ValueError("empty duration")
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    total, num = 0.0, ""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    for ch in s:
-        if ch.isdigit() or ch == ".":
-            num += ch
-        elif ch in units and num:
-            total += float(num) * units[ch]
-            num = ""
-        elif ch != " ":
-            raise ValueError(f"'{text}' is not a duration (examples: 90s, 30m, 2h)")
-    if num:
-        raise ValueError(f"'{text}' is not a duration: '{num}' has no unit (s, m, h)")
-    return total
 
 
 class GuestSession:

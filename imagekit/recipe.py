@@ -23,92 +23,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from imagekit import paths
 from imagekit.errors import RecipeError
+from imagekit.specs import Source, StrictBool, StrictInt, format_size, parse_size  # noqa: F401 - re-exported
+from imagekit.specs import SpecModel as _Model
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _VAR_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MAX_EXTENDS_DEPTH = 10
-
-StrictInt = Annotated[int, Strict()]
-StrictBool = Annotated[bool, Strict()]
-
-
-def parse_size(value: object) -> int:
-    """Bytes from ``10G``, ``512M``, ``64K``, ``10GiB`` or a plain integer (binary units)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 10G")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError("size must be positive")
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a size such as 10G")
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise ValueError(f"'{value}' is not a size (examples: 10G, 512M, 64K)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}[m.group(2).lower()]
-    n = int(float(m.group(1)) * mult)
-    if n <= 0:
-        raise ValueError("size must be positive")
-    return n
-
-
-def format_size(n: int) -> str:
-    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, populate_by_name=True)
-
-
-# ---------------------------------------------------------------- sources
-
-
-class Source(_Model):
-    """A file to download: a pinned digest, an upstream checksum file, or trust on first use."""
-
-    url: str
-    sha256: str | None = None
-    sha512: str | None = None
-    checksum_url: str | None = None
-    trust: Literal["pinned", "first-use"] = "pinned"
-
-    @field_validator("url", "checksum_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(https?|file)://", v):
-            raise ValueError(f"'{v}' is not an http(s):// or file:// URL")
-        return v
-
-    @field_validator("sha256", "sha512")
-    @classmethod
-    def _hex(cls, v: str | None, info: Any) -> str | None:
-        if v is None:
-            return v
-        v = v.lower()
-        want = 64 if info.field_name == "sha256" else 128
-        if len(v) != want or not _HEX_RE.match(v):
-            raise ValueError(f"expected {want} hexadecimal digits")
-        return v
-
-    @model_validator(mode="after")
-    def _verifiable(self) -> Source:
-        pins = [x for x in (self.sha256, self.sha512, self.checksum_url) if x]
-        if self.trust == "pinned" and not pins:
-            raise ValueError(
-                "no way to verify the download: give sha256, sha512 or checksum_url "
-                "(or trust: first-use to record the digest of the first download)"
-            )
-        return self
-
 
 # ---------------------------------------------------------------- build methods
 
