@@ -1,0 +1,135 @@
+"""``imagekit customise`` and ``guest-inspect``: offline work inside a guest (libguestfs)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from imagekit.cli.output import (
+    emit,
+    err_console,
+    json_option,
+    out_console,
+    state,
+)
+from imagekit.cli.root import cli
+from imagekit.errors import RecipeError, UsageError
+
+
+def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
+    """``--step`` values (JSON or YAML mappings) validated with the recipe's Step model."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from imagekit import recipe as rec
+
+    adapter: TypeAdapter[Any] = TypeAdapter(rec.Step)
+    steps: list[Any] = []
+    problems: list[str] = []
+    for n, text in enumerate(texts):
+        where = f"step[{first_index + n}]"
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problems.append(f"{where}: not valid JSON or YAML: {getattr(exc, 'problem', None) or exc}")
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"{where}: expected a mapping such as '{{op: hostname, hostname: web01}}'")
+            continue
+        try:
+            steps.append(adapter.validate_python(data))
+        except ValidationError as exc:
+            for err in exc.errors():
+                parts = list(err["loc"])
+                if parts and parts[0] == data.get("op"):
+                    parts = parts[1:]  # the tag pydantic adds for the discriminated union
+                loc = where + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts)
+                problems.append(f"{loc}: {rec._message(err)}")
+    if problems:
+        n = len(problems)
+        raise RecipeError(f"--step: {n} problem{'s' if n != 1 else ''}",
+                          "each --step is one customise step, e.g. --step '{op: hostname, hostname: web01}'",
+                          problems)
+    return steps
+
+
+@cli.command("customise")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--recipe", "recipe_ref", metavar="R", help="Apply the customise: steps of recipe R (name or path).")
+@click.option("--step", "step_texts", multiple=True, metavar="JSON_OR_YAML",
+              help="A step, e.g. '{op: hostname, hostname: web01}' (repeatable, applied after the recipe's).")
+@click.option("--in-place", is_flag=True, help="Change IMAGE itself (default: IMAGE is never touched).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the customised image here.")
+@click.option("-O", "--out-format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
+@click.option("--no-network", is_flag=True, help="No network for the guest (package installs are refused).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@json_option
+def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...], in_place: bool,
+                  output: str | None, out_format: str, no_network: bool, force: bool) -> None:
+    """Apply customise steps to IMAGE offline (libguestfs), into -o OUTPUT or --in-place."""
+    from imagekit import customise as cust
+    from imagekit import recipe as rec
+
+    steps: list[Any] = []
+    if recipe_ref:
+        steps.extend(rec.load(recipe_ref).customise)
+    steps.extend(_parse_steps(step_texts, len(steps)))
+    if not steps:
+        raise UsageError("no steps to apply", "give --recipe R (with a customise: list) and/or --step ...")
+    if in_place == (output is not None):
+        raise UsageError("give either -o OUTPUT or --in-place", "IMAGE is never changed unless --in-place is given")
+    quiet = state().json
+
+    def on_step(r: Any) -> None:
+        if not quiet:
+            mark = "[green]ok[/]    " if r.ok else "[red]FAILED[/]"
+            err_console.print(f"{mark} step {r.index} ({r.op}) {r.duration:.1f} s: {r.summary}",
+                              markup=True, highlight=False)
+
+    results = cust.customise(image, steps, in_place=in_place, output=output, output_format=out_format,
+                             network=not no_network, overwrite=force, log=on_step)
+    data = {"ok": True, "image": image, "output": output, "in_place": in_place,
+            "steps": [r.to_dict() for r in results]}
+
+    def human() -> None:
+        out_console.print(f"customised {'in place: ' + image if in_place else output} ({len(results)} steps)",
+                          markup=False)
+
+    emit(data, human)
+
+
+@cli.command("guest-inspect")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--sbom", type=click.Choice(["cyclonedx", "spdx"]),
+              help="Print an SBOM (CycloneDX 1.5 or SPDX 2.3 JSON) instead of the report.")
+@json_option
+def guest_inspect_cmd(image: str, sbom: str | None) -> None:
+    """What is inside IMAGE: OS, version, kernels, boot loader, agents, installed packages."""
+    from imagekit import sbom as sb
+    from imagekit.customise import detect_format, ensure_safe
+
+    fmt = detect_format(image)
+    ensure_safe(image, fmt)
+    info = sb.inspect_guest(image, fmt)
+    if sbom:
+        doc = sb.SBOM_FORMATS[sbom](info)
+        click.echo(json.dumps(doc, indent=2))
+        return
+
+    def human() -> None:
+        p = out_console.print
+        o = info["os"]
+        p(f"[bold]{image}[/] ({fmt})", highlight=False)
+        p(f"  os            {o.get('product_name') or o.get('distro')} ({o.get('distro')} {o.get('version')}, "
+          f"{o.get('arch')})", markup=False)
+        p(f"  hostname      {o.get('hostname')}", markup=False)
+        p(f"  packages      {info['package_count']} ({info.get('package_format')}, "
+          f"{info.get('package_management')})", markup=False)
+        p(f"  kernels       {', '.join(k['version'] for k in info['kernels']) or 'none'}", markup=False)
+        p(f"  boot loader   {info.get('bootloader') or 'none found'}", markup=False)
+        p(f"  cloud-init    {'yes' if info['cloud_init'] else 'no'}; qemu-guest-agent "
+          f"{'yes' if info['qemu_guest_agent'] else 'no'}", markup=False)
+
+    emit(info, human)

@@ -1,0 +1,105 @@
+"""``imagekit recipes list|show|validate``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from imagekit.cli.output import (
+    emit,
+    json_option,
+    out_console,
+)
+from imagekit.cli.root import cli
+from imagekit.errors import RecipeError, UsageError
+
+
+@cli.group()
+def recipes() -> None:
+    """List, show and validate recipes."""
+
+
+@recipes.command("list")
+@json_option
+def recipes_list() -> None:
+    """List the recipes in the search path (IMAGEKIT_RECIPE_PATH, then recipes/)."""
+    from imagekit import recipe as rec
+
+    rows = []
+    for name, path, data in rec.list_recipes():
+        row: dict[str, Any] = {"name": name, "description": data.get("description"), "method": None,
+                               "abstract": bool(data.get("abstract")), "extends": data.get("extends"),
+                               "path": str(path), "valid": None}
+        if not row["abstract"]:
+            try:
+                r = rec.load(path)
+                row.update(description=r.description, method=r.build.method, valid=True,
+                           os=f"{r.os.distro} {r.os.version} {r.os.arch}")
+            except RecipeError as exc:
+                row.update(valid=False, error=exc.message)
+        rows.append(row)
+
+    def human() -> None:
+        for r in rows:
+            if r["abstract"]:
+                continue
+            state = "" if r["valid"] else "  (invalid: run 'imagekit recipes validate')"
+            out_console.print(f"{r['name']:<22} {r['method'] or '?':<12} {r['description'] or ''}{state}", markup=False)
+
+    emit(rows, human)
+
+
+@recipes.command("show")
+@click.argument("name")
+@json_option
+def recipes_show(name: str) -> None:
+    """Print the resolved recipe NAME (a name or a path), YAML or --json."""
+    from imagekit import recipe as rec
+
+    r = rec.load(name)
+    data = {"name": r.name, "source": r.source, "digest": r.digest, **r.to_dict()}
+
+    def human() -> None:
+        import yaml
+
+        click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
+
+    emit(data, human)
+
+
+@recipes.command("validate")
+@click.argument("refs", nargs=-1)
+@json_option
+def recipes_validate(refs: tuple[str, ...]) -> None:
+    """Validate recipes (names or paths); all concrete recipes when none are given."""
+    from imagekit import recipe as rec
+
+    targets: list[str] = list(refs) or [n for n, _p, d in rec.list_recipes() if not d.get("abstract")]
+    if not targets:
+        raise UsageError("no recipes found", "add YAML files to recipes/ or set IMAGEKIT_RECIPE_PATH")
+    results: list[dict[str, Any]] = []
+    for ref in targets:
+        try:
+            r = rec.load(ref)
+            results.append({"recipe": ref, "ok": True, "name": r.name, "source": r.source, "problems": []})
+        except RecipeError as exc:
+            problems = exc.problems or [exc.message]
+            results.append({"recipe": ref, "ok": False, "error": exc.message, "problems": problems, "hint": exc.hint})
+    bad = [r for r in results if not r["ok"]]
+
+    def human() -> None:
+        for r in results:
+            if r["ok"]:
+                out_console.print(f"ok      {r['recipe']}", markup=False)
+            else:
+                out_console.print(f"invalid {r['recipe']}: {r['error']}", markup=False)
+                for p in r["problems"]:
+                    if p != r["error"]:
+                        out_console.print(f"  - {p}", markup=False)
+
+    emit({"ok": not bad, "results": results}, human)
+    if bad:
+        n = len(bad)
+        raise RecipeError(f"{n} of {len(results)} recipe{'s' if len(results) != 1 else ''} invalid",
+                          "fix the problems listed above")
