@@ -6,6 +6,7 @@ A finding has a stable ``code`` (for machines), a ``severity`` and a human
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -23,6 +24,16 @@ class Finding:
         return asdict(self)
 
 
+def verdict_of(findings: Iterable[Finding]) -> VerdictName:
+    """The worst severity of ``findings`` as a verdict."""
+    sev = {f.severity for f in findings}
+    if "reject" in sev:
+        return "reject"
+    if "warn" in sev:
+        return "warn"
+    return "accept"
+
+
 @dataclass(frozen=True)
 class Verdict:
     path: str
@@ -32,12 +43,7 @@ class Verdict:
 
     @property
     def verdict(self) -> VerdictName:
-        sev = {f.severity for f in self.findings}
-        if "reject" in sev:
-            return "reject"
-        if "warn" in sev:
-            return "warn"
-        return "accept"
+        return verdict_of(self.findings)
 
     @property
     def ok(self) -> bool:
