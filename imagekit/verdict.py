@@ -81,7 +81,7 @@ class Verdict:
         """False when check() stopped at detection (a polyglot): no format was verified."""
         return self.detection is None or not self.detection.polyglot
 
-    def details_dict(self) -> dict[str, object]:
+    def _details_json(self) -> dict[str, object]:
         """The ``details`` object of the JSON form."""
         d: dict[str, object] = {"detection": self.detection.to_dict() if self.detection is not None else None,
                                 "declared": self.declared}
@@ -94,8 +94,8 @@ class Verdict:
 
     @property
     def details(self) -> dict[str, object]:
-        """Deprecated: the JSON form of the typed fields, for callers not yet reading them."""
-        return self.details_dict()
+        """Deprecated (read the typed fields): their JSON form, kept until cli.py and glance.py are rewired."""
+        return self._details_json()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -103,7 +103,7 @@ class Verdict:
             "format": self.format,
             "verdict": self.verdict,
             "findings": [f.to_dict() for f in self.findings],
-            "details": self.details_dict(),
+            "details": self._details_json(),
         }
 
 
