@@ -6,50 +6,27 @@ refused), the declared format against the detected one (a "raw" file that is
 really qcow2/VMDK/... is the format-probing attack, CVE-2015-1850 /
 CVE-2024-40767), oslo.utils' ``safety_check()`` for the detected format (what
 Glance/Nova/Cinder run), then imagekit's own structural verifier for the format
-and the virtual size limit. The verdict's ``details`` carry the detection and
-the format information.
+(its row in :mod:`imagekit.formats.registry`; formats the registry refuses are
+rejected) and the virtual size limit. The verdict carries, typed, the detection,
+the declared format, oslo's result, the verifier's report and the virtual size.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import struct
 
-from imagekit.errors import UsageError
-from imagekit.formats import gpt, iso, vhd, vhdx, vmdk
-from imagekit.formats.detect import Detection, detect, open_image, oslo_safety_check, read_exact
-from imagekit.verdict import Finding, Findings, Verdict
+from imagekit.formats import registry
+from imagekit.formats.base import FormatReport, VerifyOptions
+from imagekit.formats.detect import Detection, detect, oslo_safety_check
+from imagekit.verdict import Finding, Findings, OsloSafety, Verdict
 
-# declared name (lower case) -> imagekit format name
-ALIASES = {
-    "raw": "raw", "img": "raw", "gpt": "raw",
-    "qcow2": "qcow2", "qcow": "qcow",
-    "vhd": "vhd", "vpc": "vhd",
-    "vhdx": "vhdx", "vmdk": "vmdk", "vdi": "vdi", "iso": "iso",
-    "luks": "luks", "qed": "qed",
-}
-SUPPORTED = {"raw", "qcow2", "vhd", "vhdx", "vmdk", "vdi", "iso"}
-_OSLO_NAME = {"qcow2": "qcow2", "qcow": "qcow2", "vhd": "vhd", "vhdx": "vhdx", "vmdk": "vmdk", "vdi": "vdi",
-              "iso": "iso", "luks": "luks", "qed": "qed"}
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_UNSUPPORTED_WHY = {
-    "qcow": "qcow version 1 is obsolete and not accepted; convert it to qcow2 with qemu-img first",
-    "luks": "LUKS-encrypted images cannot be checked or used without the key; decrypt/convert them first",
-    "qed": "QED is deprecated and not accepted; convert it to qcow2 first",
-    "bochs": "Bochs images are not accepted; convert them first",
-    "parallels": "Parallels images are not accepted; convert them first",
-    "cloop": "cloop images are not accepted; convert them first",
-}
 
 
 def normalize_format(name: str) -> str:
-    """Map a declared format name (any alias: vpc, img, ...) to imagekit's name."""
-    key = name.strip().lower()
-    if key not in ALIASES:
-        raise UsageError(f"unknown disk format {name!r}",
-                         f"use one of: {', '.join(sorted(ALIASES))}")
-    return ALIASES[key]
+    """Map a declared format name (any alias: vpc, img, ...) to imagekit's name. UsageError if unknown."""
+    return registry.get(name).name
 
 
 def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual_size: int | None = None,
@@ -65,8 +42,6 @@ def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual
     spath = os.fspath(path)
     det = detect(spath)  # raises ImageReadError
     f = Findings()
-    details: dict[str, object] = {"detection": det.to_dict(), "declared": declared}
-
     _check_name(spath, f)
     for item in det.findings:
         f.add(item.code, item.severity, item.message)
@@ -75,46 +50,40 @@ def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual
     if want is not None and not det.polyglot:
         _check_declared(want, det, f)
     if det.polyglot:
-        return Verdict(spath, det.format, f.freeze(), details)
+        return Verdict(spath, det.format, f.freeze(), detection=det, declared=declared)
 
-    # oslo.utils' safety check: what OpenStack services will run on upload.
-    # (raw disks: oslo's "raw" or "gpt"; a fixed VHD is raw/gpt to oslo, which only probes offset 0)
-    oslo_name = det.oslo_format if det.format in ("raw", "vhd") else _OSLO_NAME.get(det.format)
-    if oslo_name:
-        failures = oslo_safety_check(spath, oslo_name)
-        details["oslo_safety"] = {"format": oslo_name, "failures": failures}
-        if failures:
-            f.reject("format-inspector-safety",
-                     f"oslo.utils format inspector ({oslo_name}) safety check failed: {'; '.join(failures)}")
-
+    row = registry.find(det.format)
+    safety = _oslo_safety(spath, row, det, f)
     vsize = det.virtual_size
-    info: dict[str, object] = {}
-    fmt = det.format
-    if fmt not in SUPPORTED:
-        f.reject("unsupported-format", _UNSUPPORTED_WHY.get(fmt, f"format {fmt!r} is not supported"))
-    elif fmt == "qcow2":
-        from imagekit.formats import qcow2  # the colleague-owned verifier
-
-        rep = qcow2.verify(spath, deep=deep, max_virtual_size=max_virtual_size)
+    rep: FormatReport | None = None
+    if row is None or not row.accepted:
+        f.reject("unsupported-format", row.refused if row is not None and row.refused
+                 else f"format {det.format!r} is not supported")
+    else:
+        rep = row.verify(spath, VerifyOptions(deep=deep, max_virtual_size=max_virtual_size))
         for item in rep.findings:
             f.add(item.code, item.severity, item.message)
-        info = rep.to_dict()
-        if rep.info is not None:
-            vsize = int(rep.info.virtual_size)
-    else:
-        verifier = {"vhd": vhd.verify, "vhdx": vhdx.verify, "vmdk": vmdk.verify, "iso": iso.verify,
-                    "raw": gpt.verify, "vdi": verify_vdi}[fmt]
-        info, found = verifier(spath)
-        for item in found:
-            f.add(item.code, item.severity, item.message)
-        if isinstance(info.get("virtual_size"), int):
-            vsize = max(int(info["virtual_size"]), vsize or 0)  # type: ignore[call-overload]
-    details["format_info"] = info
-    details["virtual_size"] = vsize
+        if rep.virtual_size is not None:
+            vsize = max(rep.virtual_size, vsize or 0)
     if max_virtual_size is not None and vsize is not None and vsize > max_virtual_size \
             and not f.has("virtual-size-too-large"):
         f.reject("virtual-size-too-large", f"virtual size {vsize} bytes exceeds the limit of {max_virtual_size}")
-    return Verdict(spath, det.format, f.freeze(), details)
+    return Verdict(spath, det.format, f.freeze(), detection=det, declared=declared, oslo_safety=safety,
+                   format_report=rep, virtual_size=vsize)
+
+
+def _oslo_safety(path: str, row: registry.DiskFormat | None, det: Detection, f: Findings) -> OsloSafety | None:
+    """oslo.utils' safety check: what OpenStack services will run on upload (None: oslo does not know it)."""
+    if row is None:
+        return None
+    name = det.oslo_format if row.oslo_from_detection else row.oslo_name
+    if not name:
+        return None
+    failures = oslo_safety_check(path, name)
+    if failures:
+        f.reject("format-inspector-safety",
+                 f"oslo.utils format inspector ({name}) safety check failed: {'; '.join(failures)}")
+    return OsloSafety(name, tuple(failures))
 
 
 def _check_name(path: str, f: Findings) -> None:
@@ -148,48 +117,4 @@ def _check_declared(want: str, det: Detection, f: Findings) -> None:
     f.reject("format-mismatch", f"declared {want} but the content is {got}")
 
 
-# ---------------------------------------------------------------- VDI
-
-
-def verify_vdi(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
-    """Check a VirtualBox VDI header: signature, version, image type (diff/undo images have a parent),
-    block map and data inside the file."""
-    fd, st = open_image(path)
-    try:
-        size = st.st_size
-        f = Findings()
-        info: dict[str, object] = {"file_size": size}
-        hdr = read_exact(fd, 0, 512)
-        if hdr is None or struct.unpack_from("<I", hdr, 0x40)[0] != 0xBEDA107F:
-            f.reject("vdi-bad-header", "VDI header missing or truncated")
-            return info, f.freeze()
-        version, _hsize, itype, _flags = struct.unpack_from("<IIII", hdr, 0x44)
-        off_bmap, off_data = struct.unpack_from("<II", hdr, 0x154)
-        sector_size, = struct.unpack_from("<I", hdr, 0x168)
-        disk_size, block_size, _extra, blocks, allocated = struct.unpack_from("<QIIII", hdr, 0x170)
-        parent = hdr[0x1B8:0x1C8]
-        info.update({"version": version, "image_type": {1: "dynamic", 2: "fixed", 3: "undo", 4: "diff"}.get(
-            itype, f"type-{itype}"), "virtual_size": disk_size, "block_size": block_size, "blocks": blocks,
-            "allocated_blocks": allocated})
-        if version >> 16 != 1:
-            f.reject("vdi-bad-header", f"unsupported VDI version {version:#x}")
-        if itype in (3, 4) or any(parent):
-            f.reject("backing-file", "differencing/undo VDI: it depends on a parent image")
-        elif itype not in (1, 2):
-            f.reject("vdi-bad-header", f"unknown VDI image type {itype}")
-        if sector_size != 512 or block_size != 1024 * 1024 or blocks * block_size < disk_size:
-            f.reject("vdi-bad-header", "sector/block sizes or block count are invalid")
-        if off_bmap + blocks * 4 > size or off_bmap < 512:
-            f.reject("vdi-bmap-outside-file", "block map lies outside the file")
-        elif blocks <= 16 * 1024 * 1024:
-            bmap = read_exact(fd, off_bmap, blocks * 4) or b""
-            outside = sum(1 for (e,) in struct.iter_unpack("<I", bmap)
-                          if e < 0xFFFFFFFE and off_data + (e + 1) * block_size > size)
-            if outside:
-                f.reject("vdi-block-outside-file", f"{outside} block(s) point beyond the end of the file")
-        return info, f.freeze()
-    finally:
-        os.close(fd)
-
-
-__all__ = ["check", "normalize_format", "verify_vdi", "Finding"]
+__all__ = ["check", "normalize_format", "Finding"]

@@ -26,17 +26,16 @@ from imagekit import run as runner
 from imagekit.artifact import Artifact, hash_file
 from imagekit.check import check
 from imagekit.errors import ImagekitError, ImageReadError, OutputExistsError, ToolFailed, UnsafeImageError, UsageError
+from imagekit.formats import registry
+from imagekit.formats.registry import DiskFormat
 from imagekit.verdict import Verdict
 
 log = logging.getLogger("imagekit.convert")
 
-OUT_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc")
-# imagekit format name -> qemu-img -f name
-QEMU_NAME = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vpc": "vpc", "vhdx": "vhdx",
-             "vdi": "vdi", "iso": "raw"}
-SUFFIX = {"qcow2": ".qcow2", "raw": ".raw", "vmdk": ".vmdk", "vhdx": ".vhdx", "vpc": ".vhd"}
-# formats `qemu-img check` knows; others answer 63 "format has no check"
-CHECKABLE = {"qcow2", "vmdk", "vhdx", "vdi"}
+# Kept for importers (pipeline.py): the registry is the table. New code calls registry.output_names()
+# and registry.suffix(name).
+OUT_FORMATS = registry.output_names()
+SUFFIX = {name: registry.suffix(name) for name in OUT_FORMATS}
 # qemu-img runs on untrusted input: bound its CPU time and address space
 LIMITS = runner.Limits(cpu_seconds=6 * 3600, address_space=4 << 30)
 _PROGRESS_RE = re.compile(r"\(\s*([0-9.]+)/100%\)")
@@ -95,9 +94,10 @@ class DiskFullError(ImagekitError):
 
 
 def default_output(src: Path, out_format: str) -> Path:
-    out = src.with_suffix(SUFFIX[out_format])
+    ext = registry.suffix(out_format)
+    out = src.with_suffix(ext)
     if out == src:
-        out = src.with_name(f"{src.stem}-converted{SUFFIX[out_format]}")
+        out = src.with_name(f"{src.stem}-converted{ext}")
     return out
 
 
@@ -105,17 +105,11 @@ def temp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.imagekit-{os.getpid()}.part")
 
 
-def _detected(verdict: Verdict) -> dict[str, object]:
-    det = verdict.details.get("detection")
-    return det if isinstance(det, dict) else {}
-
-
 def _input_format(verdict: Verdict, force: bool, notes: list[str]) -> str:
     """The qemu-img -f name for the checked input; ISO policy applied here."""
-    det = _detected(verdict)
     fmt = verdict.format or "raw"
     if fmt == "iso":
-        if det.get("hybrid"):
+        if verdict.detection is not None and verdict.detection.hybrid:
             notes.append("hybrid ISO (it carries a partition table): converted as a bootable disk")
         elif force:
             notes.append("installer-only ISO converted with --force: the result will not boot as a disk")
@@ -125,16 +119,15 @@ def _input_format(verdict: Verdict, force: bool, notes: list[str]) -> str:
                 "upload it as it is (imagekit upload --disk-format iso) or use it as install media in a recipe; "
                 "--force converts it anyway",
             )
-    qfmt = det.get("qemu_format") if fmt != "iso" else "raw"
-    name = str(qfmt or QEMU_NAME.get(fmt, ""))
-    if name not in QEMU_NAME.values():
+    row = registry.find(fmt)
+    if row is None or not row.accepted or row.qemu is None:
         raise UsageError(f"cannot convert from format {fmt!r}")
-    return name
+    return row.qemu
 
 
-def _convert_options(opts: ConvertOptions) -> list[str]:
+def _convert_options(opts: ConvertOptions, out_fmt: DiskFormat) -> list[str]:
     o: list[str] = []
-    if opts.out_format == "qcow2":
+    if out_fmt.name == "qcow2":
         o.append(f"compat={opts.compat}")
         if opts.cluster_size:
             o.append(f"cluster_size={opts.cluster_size}")
@@ -142,7 +135,7 @@ def _convert_options(opts: ConvertOptions) -> list[str]:
             o.append(f"compression_type={opts.compress}")
     if opts.preallocation:
         o.append(f"preallocation={opts.preallocation}")
-    if opts.out_format == "vmdk":
+    if out_fmt.name == "vmdk":
         o.append("subformat=streamOptimized" if opts.compress else "subformat=monolithicSparse")
     return ["-o", ",".join(o)] if o else []
 
@@ -157,25 +150,38 @@ def _space_error(exc: ToolFailed, out: Path) -> ImagekitError | None:
     return None
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None,
-            opts: ConvertOptions | None = None, progress: Progress | None = None) -> ConvertResult:
-    opts = opts or ConvertOptions()
-    if opts.out_format not in OUT_FORMATS:
-        raise UsageError(f"unknown output format {opts.out_format!r}", f"use one of: {', '.join(OUT_FORMATS)}")
-    if opts.compress and opts.out_format != "qcow2":
-        raise UsageError("--compress is only possible with -O qcow2")
-    if opts.compress == "zstd" and opts.compat == "0.10":
-        raise UsageError("zstd compression needs --compat 1.1")
-    src_path = Path(src)
-    out = Path(dst) if dst is not None else default_output(src_path, opts.out_format)
+def _output_path(src: Path, dst: str | os.PathLike[str] | None, opts: ConvertOptions) -> Path:
+    """Where the output goes (default: next to the input, the output format's suffix); refuses to overwrite
+    the input, an existing file without ``force``, or to write into a missing directory."""
+    out = Path(dst) if dst is not None else default_output(src, opts.out_format)
     if out.is_dir():
-        out = out / default_output(src_path, opts.out_format).name
-    if out.exists() and out.resolve() == src_path.resolve():
+        out = out / default_output(src, opts.out_format).name
+    if out.exists() and out.resolve() == src.resolve():
         raise UsageError("the output would overwrite the input", "choose another -o")
     if out.exists() and not opts.force:
         raise OutputExistsError(f"{out} already exists", "use --force to replace it, or -o for another name")
     if not out.parent.is_dir():
         raise UsageError(f"output directory {out.parent} does not exist")
+    return out
+
+
+def _output_format(opts: ConvertOptions) -> DiskFormat:
+    """The output format's row, with the options it allows."""
+    out_fmt = registry.output_format(opts.out_format)
+    if opts.compress and out_fmt.name != "qcow2":
+        raise UsageError("--compress is only possible with -O qcow2")
+    if opts.compress == "zstd" and opts.compat == "0.10":
+        raise UsageError("zstd compression needs --compat 1.1")
+    return out_fmt
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None,
+            opts: ConvertOptions | None = None, progress: Progress | None = None) -> ConvertResult:
+    """Check ``src``, convert it to ``opts.out_format``, verify the output and move it to ``dst``."""
+    opts = opts or ConvertOptions()
+    out_fmt = _output_format(opts)
+    src_path = Path(src)
+    out = _output_path(src_path, dst, opts)
     seconds: dict[str, float] = {}
     notes: list[str] = []
 
@@ -189,39 +195,38 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
             in_verdict,
         )
     in_fmt = _input_format(in_verdict, opts.force, notes)
-    if opts.keep_snapshots and not (in_fmt == "qcow2" and opts.out_format == "qcow2"):
+    if opts.keep_snapshots and not (in_fmt == "qcow2" and out_fmt.name == "qcow2"):
         raise UsageError("--keep-snapshots needs a qcow2 input and qcow2 output")
-    snapshots = _snapshot_count(in_verdict)
+    snapshots = in_verdict.format_report.snapshots if in_verdict.format_report is not None else 0
     if snapshots and not opts.keep_snapshots:
         notes.append(f"{snapshots} internal snapshot(s) dropped (use --keep-snapshots to keep them)")
 
+    out_verdict, qcheck, cmp, digest = _write(src_path, in_fmt, out, out_fmt, opts, progress, seconds)
+    in_art = Artifact(str(src_path), in_verdict.format or "raw", int(_vsize(in_verdict) or 0), src_path.stat().st_size)
+    compat = out_verdict.format_report.compat if out_verdict.format_report is not None else None
+    out_art = Artifact(str(out), out_verdict.format or opts.out_format, int(_vsize(out_verdict) or 0),
+                       out.stat().st_size, digest, compat)
+    return ConvertResult(in_art, out_art, in_verdict, out_verdict, qcheck, cmp, tuple(notes), seconds)
+
+
+def _write(src: Path, in_fmt: str, out: Path, out_fmt: DiskFormat, opts: ConvertOptions, progress: Progress | None,
+           seconds: dict[str, float]) -> tuple[Verdict, str, str, str]:
+    """Convert into a temporary name next to ``out``, verify it, then rename it; the temporary file is
+    removed on any failure. Returns the output's verdict, qemu-img check and compare results, sha256."""
     tmp = temp_name(out)
     ok = False
     try:
         t = time.monotonic()
         if opts.keep_snapshots:
-            _copy_keeping_snapshots(src_path, tmp, opts)
+            _copy_keeping_snapshots(src, tmp, opts)
         else:
-            argv = ["qemu-img", "convert", "-p", "-f", in_fmt, "-O", opts.out_format, *_convert_options(opts)]
-            if opts.compress:
-                argv.append("-c")
-            argv += [str(src_path), str(tmp)]
-
-            def on_line(line: str) -> None:
-                m = _PROGRESS_RE.search(line)
-                if m and progress is not None:
-                    progress("convert", float(m.group(1)) / 100.0)
-
-            try:
-                runner.run(argv, timeout=opts.timeout, limits=LIMITS, on_output=on_line)
-            except ToolFailed as exc:
-                raise (_space_error(exc, out) or exc) from exc
+            _qemu_img_convert(src, in_fmt, tmp, out, out_fmt, opts, progress)
         seconds["convert"] = round(time.monotonic() - t, 3)
         if progress is not None:
             progress("convert", 1.0)
 
         t = time.monotonic()
-        out_verdict, qcheck, cmp, digest = _verify_output(src_path, in_fmt, tmp, opts, progress)
+        verified = _verify_output(src, in_fmt, tmp, out_fmt, opts, progress)
         seconds["verify"] = round(time.monotonic() - t, 3)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
@@ -237,33 +242,32 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
                 tmp.unlink()
             except FileNotFoundError:
                 pass
+    return verified
 
-    in_art = Artifact(str(src_path), in_verdict.format or "raw", int(_vsize(in_verdict) or 0), src_path.stat().st_size)
-    fmt_info = out_verdict.details.get("format_info")
-    compat = None
-    if isinstance(fmt_info, dict) and isinstance(fmt_info.get("info"), dict):
-        compat = fmt_info["info"].get("compat")
-    out_art = Artifact(str(out), out_verdict.format or opts.out_format, int(_vsize(out_verdict) or 0),
-                       out.stat().st_size, digest, compat)
-    return ConvertResult(in_art, out_art, in_verdict, out_verdict, qcheck, cmp, tuple(notes), seconds)
+
+def _qemu_img_convert(src: Path, in_fmt: str, tmp: Path, out: Path, out_fmt: DiskFormat, opts: ConvertOptions,
+                      progress: Progress | None) -> None:
+    """``qemu-img convert -f IN -O OUT`` under limits, its progress reported; a full disk is DiskFullError."""
+    argv = ["qemu-img", "convert", "-p", "-f", in_fmt, "-O", out_fmt.output_name, *_convert_options(opts, out_fmt)]
+    if opts.compress:
+        argv.append("-c")
+    argv += [str(src), str(tmp)]
+
+    def on_line(line: str) -> None:
+        m = _PROGRESS_RE.search(line)
+        if m and progress is not None:
+            progress("convert", float(m.group(1)) / 100.0)
+
+    try:
+        runner.run(argv, timeout=opts.timeout, limits=LIMITS, on_output=on_line)
+    except ToolFailed as exc:
+        raise (_space_error(exc, out) or exc) from exc
 
 
 def _vsize(v: Verdict) -> int | None:
-    vs = v.details.get("virtual_size")
-    if isinstance(vs, int):
-        return vs
-    det = _detected(v)
-    d = det.get("virtual_size")
-    return d if isinstance(d, int) else None
-
-
-def _snapshot_count(v: Verdict) -> int:
-    info = v.details.get("format_info")
-    if isinstance(info, dict) and isinstance(info.get("info"), dict):
-        snaps = info["info"].get("snapshots")
-        if isinstance(snaps, list | tuple):
-            return len(snaps)
-    return 0
+    if v.virtual_size is not None:
+        return v.virtual_size
+    return v.detection.virtual_size if v.detection is not None else None
 
 
 def _copy_keeping_snapshots(src: Path, tmp: Path, opts: ConvertOptions) -> None:
@@ -276,7 +280,7 @@ def _copy_keeping_snapshots(src: Path, tmp: Path, opts: ConvertOptions) -> None:
                timeout=opts.timeout, limits=LIMITS)
 
 
-def _verify_output(src: Path, in_fmt: str, tmp: Path, opts: ConvertOptions,
+def _verify_output(src: Path, in_fmt: str, tmp: Path, out_fmt: DiskFormat, opts: ConvertOptions,
                    progress: Progress | None) -> tuple[Verdict, str, str, str]:
     """Check the written output, compare it with the input, and hash it (hash runs alongside)."""
     digest: dict[str, str] = {}
@@ -291,7 +295,7 @@ def _verify_output(src: Path, in_fmt: str, tmp: Path, opts: ConvertOptions,
     hasher = threading.Thread(target=do_hash, daemon=True)
     hasher.start()
     try:
-        out_verdict = check(tmp, declared=opts.out_format)
+        out_verdict = check(tmp, declared=out_fmt.name)
         if not out_verdict.ok:
             raise UnsafeImageError(
                 f"the converted output failed imagekit's check ({', '.join(out_verdict.codes())}); it was removed",
@@ -299,8 +303,8 @@ def _verify_output(src: Path, in_fmt: str, tmp: Path, opts: ConvertOptions,
                 out_verdict,
             )
         qcheck = "not applicable"
-        if opts.out_format in CHECKABLE:
-            res = runner.run(["qemu-img", "check", "-q", "-f", opts.out_format, str(tmp)], timeout=opts.timeout,
+        if out_fmt.qemu_checkable:
+            res = runner.run(["qemu-img", "check", "-q", "-f", out_fmt.output_name, str(tmp)], timeout=opts.timeout,
                              limits=LIMITS, check=False)
             if res.returncode != 0:
                 raise ImagekitError(
@@ -310,7 +314,7 @@ def _verify_output(src: Path, in_fmt: str, tmp: Path, opts: ConvertOptions,
             qcheck = "consistent"
         if progress is not None:
             progress("compare", 0.0)
-        cmp_argv = ["qemu-img", "compare", "-f", in_fmt, "-F", opts.out_format, str(src), str(tmp)]
+        cmp_argv = ["qemu-img", "compare", "-f", in_fmt, "-F", out_fmt.output_name, str(src), str(tmp)]
         res = runner.run(cmp_argv, timeout=opts.timeout, limits=LIMITS, check=False)
         if res.returncode == 1:
             raise ImagekitError(f"the converted output differs from the input: {res.stdout.strip()}; it was removed",

@@ -14,9 +14,8 @@ import os
 from typing import Any
 
 from imagekit.errors import ImageReadError, ToolError
-from imagekit.formats import gpt, iso, vhd, vhdx, vmdk
+from imagekit.formats import registry
 from imagekit.formats.detect import detect
-from imagekit.verdict import Finding
 
 MAP_TIMEOUT = 120.0
 
@@ -63,10 +62,6 @@ def map_summary(path: str, qemu_format: str, timeout: float = MAP_TIMEOUT) -> di
             "unallocated_bytes": unalloc}
 
 
-def _rejects(findings: tuple[Finding, ...]) -> list[str]:
-    return [f.code for f in findings if f.severity == "reject"]
-
-
 def inspect(path: str | os.PathLike[str], deep: bool = False) -> dict[str, object]:
     """Describe ``path``: detected format, virtual/actual/file size and format details (JSON-serialisable).
 
@@ -86,57 +81,40 @@ def inspect(path: str | os.PathLike[str], deep: bool = False) -> dict[str, objec
         "hybrid": det.hybrid,
         "partition_table": det.partition_table,
     }
+    row = registry.find(det.format)
     safe_to_map = False
     if det.format == "qcow2":
-        from imagekit.formats import qcow2  # the colleague-owned verifier
-
-        try:
-            info = qcow2.read_info(spath)
-        except ImageReadError as e:  # a corrupt header: describe what we can, do not map it
-            out["qcow2"] = {"error": e.message}
-            info = None
-        if info is not None:
-            out["virtual_size"] = info.virtual_size
-            out["qcow2"] = {
-                "version": info.version,
-                "compat": info.compat,
-                "cluster_size": info.cluster_size,
-                "compression_type": info.compression_type,
-                "features": {
-                    "extended_l2": info.extended_l2,
-                    "lazy_refcounts": info.lazy_refcounts,
-                    "dirty": info.dirty,
-                    "corrupt": info.corrupt,
-                    "bitmaps": info.bitmaps,
-                    "feature_name_table": list(info.feature_names),
-                },
-                "snapshots": list(info.snapshots),
-                "backing_file": info.backing_file,
-                "data_file": info.data_file,
-                "header": info.to_dict(),
-            }
-            safe_to_map = not info.backing_file and not info.data_file
-        if deep:
-            rep = qcow2.verify(spath, deep=True)
-            out["allocation"] = {"source": "verify", **dict(rep.stats)}
-            out["findings"] = [f.to_dict() for f in rep.findings]
-    elif det.format in ("vhd", "vhdx", "vmdk", "iso", "raw"):
-        verifier = {"vhd": vhd.verify, "vhdx": vhdx.verify, "vmdk": vmdk.verify, "iso": iso.verify,
-                    "raw": gpt.verify}[det.format]
-        info_d, findings = verifier(spath)
-        out["format_info"] = info_d
-        out["findings"] = [f.to_dict() for f in findings]
-        safe_to_map = not _rejects(findings)
-    elif det.format == "vdi":
-        from imagekit.check import verify_vdi
-
-        info_d, findings = verify_vdi(spath)
-        out["format_info"] = info_d
-        out["findings"] = [f.to_dict() for f in findings]
-        safe_to_map = not _rejects(findings)
+        safe_to_map = _describe_qcow2(spath, deep, out)
+    elif row is not None and row.accepted:
+        rep = row.verify(spath)
+        out["format_info"] = rep.to_dict()
+        out["findings"] = [f.to_dict() for f in rep.findings]
+        safe_to_map = not rep.rejected
     if "allocation" not in out:
         if safe_to_map and det.qemu_format and not det.polyglot:
             out["allocation"] = map_summary(spath, det.qemu_format)
         else:
             out["allocation"] = {"skipped": "not mapped: the image may reference other files or is not understood"}
     return _jsonable(out)
+
+
+def _describe_qcow2(path: str, deep: bool, out: dict[str, Any]) -> bool:
+    """The qcow2 header (and with ``deep`` the verifier's allocation and findings) into ``out``; whether
+    ``qemu-img map`` may open the image (no backing or data file)."""
+    from imagekit.formats import qcow2  # numpy: imported only for qcow2 images
+
+    try:
+        info = qcow2.read_info(path)
+    except ImageReadError as e:  # a corrupt header: describe what we can, do not map it
+        out["qcow2"] = {"error": e.message}
+        info = None
+    safe_to_map = False
+    if info is not None:
+        out["virtual_size"] = info.virtual_size
+        out["qcow2"] = qcow2.describe(info)
+        safe_to_map = not info.backing_file and not info.data_file
+    if deep:
+        rep = qcow2.verify(path, deep=True)
+        out["allocation"] = {"source": "verify", **dict(rep.stats)}
+        out["findings"] = [f.to_dict() for f in rep.findings]
+    return safe_to_map

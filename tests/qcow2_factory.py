@@ -190,15 +190,16 @@ def assert_same_in_windows(path: Path, report: object, window: int, l2_range: in
     must find exactly what the default (usually one-pass) check found: same verdict, same finding codes in
     the same order, same stats."""
     from imagekit.formats import qcow2
+    from imagekit.formats.qcow2 import refcounts
 
     assert isinstance(report, qcow2.Qcow2Report)
-    saved = qcow2.COMPARE_SLICE
-    qcow2.COMPARE_SLICE = 2  # the end-of-window comparison in slices of 2 clusters too
+    saved = refcounts.COMPARE_SLICE
+    refcounts.COMPARE_SLICE = 2  # the end-of-window comparison in slices of 2 clusters too
     try:
         small = qcow2.verify(path, window_clusters=window, l2_range_clusters=l2_range,
                              **kwargs)  # type: ignore[arg-type]
     finally:
-        qcow2.COMPARE_SLICE = saved
+        refcounts.COMPARE_SLICE = saved
 
     def key(r: qcow2.Qcow2Report) -> tuple[object, ...]:
         stats = {k: v for k, v in r.stats.items() if k not in ("elapsed_ms", "passes")}

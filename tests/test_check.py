@@ -47,7 +47,8 @@ def test_good_images_accepted(d: Path, src: Path, fmt: str, opts: tuple[str, ...
     assert v.verdict == "accept", v.findings
     assert v.format == normalize_format(declared)
     json.dumps(v.to_dict())
-    assert "detection" in v.details and "format_info" in v.details
+    assert v.detection is not None and v.format_report is not None
+    assert "detection" in v.to_dict()["details"] and "format_info" in v.to_dict()["details"]
 
 
 def test_raw_accepted_and_alias_img(d: Path, src: Path) -> None:
@@ -58,7 +59,8 @@ def test_raw_accepted_and_alias_img(d: Path, src: Path) -> None:
 def test_raw_gpt_disk_accepted(d: Path) -> None:
     v = check(fac.gpt_disk(d / "gpt.raw"), declared="raw")
     assert v.verdict == "accept", v.findings
-    info = v.details["format_info"]
+    assert v.format_report is not None
+    info = v.format_report.format_info
     assert isinstance(info, dict) and info["partition_table"] == "gpt"
 
 
@@ -191,9 +193,10 @@ def test_iso_plain_and_hybrid(d: Path) -> None:
     assert v.verdict == "accept", v.findings
     h = check(fac.iso(d / "hybrid.iso", d, "gpt"), declared="iso")
     assert h.verdict == "accept", h.findings
-    det = h.details["detection"]
-    assert isinstance(det, dict) and det["hybrid"] is True
-    info = h.details["format_info"]
+    det = h.detection
+    assert det is not None and det.hybrid is True
+    assert h.format_report is not None
+    info = h.format_report.format_info
     assert isinstance(info, dict) and info["bootable_as_disk"] is True
 
 
@@ -291,10 +294,11 @@ def test_stream_optimized_with_footer_accepted(d: Path, src: Path) -> None:
         f.write(marker + header + b"\0" * 512)
     v = check(p, declared="vmdk")
     assert v.verdict == "accept", v.findings
-    info = v.details["format_info"]
+    assert v.format_report is not None
+    info = v.format_report.format_info
     assert isinstance(info, dict) and info["footer_gd_offset"] == struct.unpack_from("<Q", header, 56)[0]
-    safety = v.details["oslo_safety"]
-    assert isinstance(safety, dict) and safety["failures"] == []
+    safety = v.oslo_safety
+    assert safety is not None and safety.failures == ()
 
 
 def test_fifo_is_not_an_image(d: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from imagekit import convert as conv
 from imagekit.errors import ImageReadError, OutputExistsError, UnsafeImageError
+from imagekit.formats.qcow2 import Qcow2Report
 from tests import image_factory as fac
 from tests.conftest import ROOT
 
@@ -96,9 +97,10 @@ def test_qcow2_options_compat_cluster_compression(tmp_path: Path) -> None:
     src = raw_with_data(tmp_path / "base.raw")
     opts = conv.ConvertOptions(compat="0.10", cluster_size=4096, compress="zlib")
     res = conv.convert(src, tmp_path / "o.qcow2", opts)
-    info = res.output_verdict.details["format_info"]["info"]  # type: ignore[index]
-    assert info["version"] == 2 and info["cluster_size"] == 4096
-    assert res.output_verdict.details["format_info"]["stats"]["compressed_clusters"] > 0  # type: ignore[index]
+    rep = res.output_verdict.format_report
+    assert isinstance(rep, Qcow2Report) and rep.info is not None
+    assert rep.info.version == 2 and rep.info.cluster_size == 4096
+    assert rep.stats["compressed_clusters"] > 0
 
 
 def test_qcow2_rewritten_clean_drops_leaks_dirty_and_snapshots(tmp_path: Path) -> None:
@@ -111,13 +113,15 @@ def test_qcow2_rewritten_clean_drops_leaks_dirty_and_snapshots(tmp_path: Path) -
         f.seek(72 + 7)
         f.write(bytes([low | 1]))
     res = conv.convert(src, tmp_path / "out.qcow2")
-    info = res.output_verdict.details["format_info"]["info"]  # type: ignore[index]
-    assert info["dirty"] is False and info["snapshots"] == []
+    rep = res.output_verdict.format_report
+    assert isinstance(rep, Qcow2Report) and rep.info is not None
+    assert rep.info.dirty is False and list(rep.info.snapshots) == []
     assert any("snapshot" in n for n in res.notes)
     assert "dirty" in res.input_verdict.codes()
     kept = conv.convert(src, tmp_path / "kept.qcow2", conv.ConvertOptions(keep_snapshots=True))
-    kinfo = kept.output_verdict.details["format_info"]["info"]  # type: ignore[index]
-    assert [s["name"] for s in kinfo["snapshots"]] == ["snap1"] and kinfo["dirty"] is False
+    krep = kept.output_verdict.format_report
+    assert isinstance(krep, Qcow2Report) and krep.info is not None
+    assert [s["name"] for s in krep.info.snapshots] == ["snap1"] and krep.info.dirty is False
 
 
 def test_hybrid_iso_becomes_a_disk(tmp_path: Path) -> None:

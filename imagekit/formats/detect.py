@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagekit.errors import ImageReadError
+from imagekit.formats import registry
+from imagekit.formats.base import FormatReport, report
 from imagekit.verdict import Finding
 
 
@@ -69,28 +71,6 @@ QCOW_MAGIC = b"QFI\xfb"
 HEAD_LIMIT = 64 * 1024 * 1024  # most bytes read from the start of a file to detect/inspect it
 TAIL_LIMIT = 64 * 1024  # most bytes read from the end (footers)
 CHUNK = 256 * 1024
-
-# imagekit format name -> qemu-img ``-f`` name (None: qemu cannot or must not open it)
-QEMU_NAMES: dict[str, str | None] = {
-    "raw": "raw",
-    "iso": "raw",
-    "qcow2": "qcow2",
-    "qcow": "qcow",
-    "vmdk": "vmdk",
-    "vhd": "vpc",
-    "vhdx": "vhdx",
-    "vdi": "vdi",
-    "luks": "luks",
-    "qed": "qed",
-    "bochs": "bochs",
-    "parallels": "parallels",
-    "cloop": "cloop",
-    "polyglot": None,
-}
-
-# oslo inspector name -> imagekit format name
-_FROM_OSLO = {"gpt": "raw", "raw": "raw", "qcow2": "qcow2", "vhd": "vhd", "vhdx": "vhdx",
-              "vmdk": "vmdk", "vdi": "vdi", "qed": "qed", "iso": "iso", "luks": "luks"}
 
 # Magic numbers QEMU probes for (block/*.c ``*_probe``), checked at offset 0.
 _MAGICS: tuple[tuple[bytes, str], ...] = (
@@ -156,13 +136,15 @@ def open_image(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
 # ---------------------------------------------------------------- VHD footer sniff
 
 
-def verify_file(path: str | os.PathLike[str], verify_fd: Callable[..., VerifyResult], *args: object) -> VerifyResult:
-    """Open ``path`` (regular files only), run a format's ``verify_fd(fd, size, *args)``, always close it."""
+def verify_file(path: str | os.PathLike[str], verify_fd: Callable[..., VerifyResult], *args: object) -> FormatReport:
+    """Open ``path`` (regular files only), run a format's ``verify_fd(fd, size, *args)`` (which returns its
+    info mapping and findings), always close it; the result as a FormatReport."""
     fd, st = open_image(path)
     try:
-        return verify_fd(fd, st.st_size, *args)
+        info, findings = verify_fd(fd, st.st_size, *args)
     finally:
         os.close(fd)
+    return report(info, findings)
 
 
 def vhd_checksum(buf: bytes, csum_offset: int) -> int:
@@ -331,6 +313,9 @@ def detect(path: str | os.PathLike[str]) -> Detection:
         os.close(fd)
 
 
+_VHD_TYPES = {2: "fixed", 3: "dynamic", 4: "differencing"}
+
+
 def _detect_fd(fd: int, st: os.stat_result) -> Detection:
     size = st.st_size
     head = read_at(fd, 0, 8192)
@@ -338,10 +323,48 @@ def _detect_fd(fd: int, st: os.stat_result) -> Detection:
     _feed(inspectors, fd, size, HEAD_LIMIT)
     oslo_hits = [i for i in inspectors if i.NAME != "raw" and _matches(i)]
     by_name = {i.NAME: i for i in inspectors}
+    names, tail_type = _claims(fd, size, head, oslo_hits)
+    oslo_format: str | None = oslo_hits[0].NAME if len(oslo_hits) == 1 else ("raw" if not oslo_hits else None)
+    fmt, hybrid = _classify(names)
+    findings: list[Finding] = []
+    if fmt == "polyglot":
+        shown = sorted({"vhd" if n == "vhd-tail" else n for n in names})
+        findings.append(Finding(
+            "polyglot", "reject",
+            f"content matches more than one format ({', '.join(shown)}): a polyglot file "
+            "that different tools would read differently; refusing it",
+        ))
+    subformat: str | None = None
+    if fmt == "vhd" and "vhd-tail" in names:
+        subformat = _VHD_TYPES.get(tail_type, f"type-{tail_type}")
+    elif fmt == "vhd" and len(head) >= 64:
+        t = struct.unpack_from(">I", head, 60)[0]
+        subformat = _VHD_TYPES.get(t, f"type-{t}")
+    elif fmt == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
+        subformat = "descriptor"
 
+    return Detection(
+        format=fmt,
+        qemu_format=registry.qemu_name(fmt),
+        matches=tuple("vhd" if n == "vhd-tail" else n for n in names) or ("raw",),
+        virtual_size=_virtual_size(fd, size, fmt, "vhd-tail" in names, head, by_name),
+        actual_size=getattr(st, "st_blocks", 0) * 512,
+        file_size=size,
+        oslo_format=oslo_format,
+        subformat=subformat,
+        hybrid=hybrid,
+        partition_table=_partition_table(head),
+        findings=tuple(findings),
+    )
+
+
+def _claims(fd: int, size: int, head: bytes, oslo_hits: list[fi.FileInspector]) -> tuple[list[str], int]:
+    """Every format that claims the file, in imagekit names (``gpt``: a partition table; ``vhd-tail``:
+    a fixed VHD's footer at the end), and that footer's disk type."""
     names: list[str] = []
     for i in oslo_hits:
-        names.append(i.NAME)
+        row = registry.by_oslo(i.NAME)
+        names.append(i.NAME if i.NAME == "gpt" or row is None else row.name)
     for s in sniff(head):
         oslo_equiv = "qcow2" if s == "qcow" else s
         if oslo_equiv not in names:
@@ -350,77 +373,48 @@ def _detect_fd(fd: int, st: os.stat_result) -> Detection:
             names[names.index("qcow2")] = "qcow"
     # A fixed VHD has its only footer in the last 512 bytes (QEMU does not probe it,
     # but it is what ``-O vpc -o subformat=fixed`` writes, and ``-f vpc`` reads it).
-    subformat: str | None = None
     tail_type = 0
     if "vhd" not in names and size >= 1024:
         tail = read_at(fd, size - 512, 512)
         if looks_like_vhd_footer(tail):
             tail_type = struct.unpack_from(">I", tail, 60)[0]
             names.append("vhd-tail")
-    oslo_format: str | None = oslo_hits[0].NAME if len(oslo_hits) == 1 else ("raw" if not oslo_hits else None)
+    return names, tail_type
 
-    findings: list[Finding] = []
-    hybrid = False
-    ptable = _partition_table(head)
-    # A partition table is a disk's content, not a container format: next to a
-    # container format (other than ISO 9660, or a fixed VHD's payload) it makes a polyglot.
+
+def _classify(names: list[str]) -> tuple[str, bool]:
+    """The format the claims make (``polyglot`` when they disagree), and whether it is a hybrid ISO.
+
+    A partition table is a disk's content, not a container format: next to a container format
+    (other than ISO 9660, or a fixed VHD's payload) it makes a polyglot.
+    """
     structural = [n for n in names if n != "gpt"]
     if "vhd-tail" in structural:
         structural.remove("vhd-tail")
-        if structural:
-            fmt = "polyglot"
-        else:
-            fmt = "vhd"
-            subformat = {2: "fixed", 3: "dynamic", 4: "differencing"}.get(tail_type, f"type-{tail_type}")
-    elif not structural:
-        fmt = "raw"
-    elif structural == ["iso"]:
-        fmt = "iso"
-        hybrid = "gpt" in names
-    elif len(structural) == 1 and "gpt" not in names:
-        fmt = structural[0]
-    else:
-        fmt = "polyglot"
-    if fmt == "polyglot":
-        shown = sorted({"vhd" if n == "vhd-tail" else n for n in names})
-        findings.append(Finding(
-            "polyglot", "reject",
-            f"content matches more than one format ({', '.join(shown)}): a polyglot file "
-            "that different tools would read differently; refusing it",
-        ))
+        return ("polyglot" if structural else "vhd"), False
+    if not structural:
+        return "raw", False
+    if structural == ["iso"]:
+        return "iso", "gpt" in names
+    if len(structural) == 1 and "gpt" not in names:
+        return structural[0], False
+    return "polyglot", False
 
-    vsize: int | None
+
+def _virtual_size(fd: int, size: int, fmt: str, fixed_vhd: bool, head: bytes,
+                  by_name: dict[str, fi.FileInspector]) -> int | None:
+    """The virtual size as the format's header (or oslo's inspector for it) says."""
     if fmt == "raw":
-        vsize = size
-    elif fmt == "iso":  # read as raw: the whole file (a hybrid ISO may append partitions)
-        vsize = max(_vsize(by_name["iso"]) or 0, size)
-    elif fmt == "vhd" and subformat is not None:
-        vsize = struct.unpack_from(">Q", read_at(fd, size - 512, 512), 48)[0]
-    elif fmt in ("qcow2", "qcow"):
-        vsize = struct.unpack_from(">Q", head, 24)[0] if len(head) >= 32 else None
-    elif fmt in by_name and fmt != "raw":
-        vsize = _vsize(by_name[fmt])
-    else:
-        vsize = None
-    if fmt == "vhd" and subformat is None and len(head) >= 64:
-        t = struct.unpack_from(">I", head, 60)[0]
-        subformat = {2: "fixed", 3: "dynamic", 4: "differencing"}.get(t, f"type-{t}")
-    if fmt == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
-        subformat = "descriptor"
-
-    return Detection(
-        format=fmt,
-        qemu_format=QEMU_NAMES.get(fmt),
-        matches=tuple("vhd" if n == "vhd-tail" else n for n in names) or ("raw",),
-        virtual_size=vsize,
-        actual_size=getattr(st, "st_blocks", 0) * 512,
-        file_size=size,
-        oslo_format=oslo_format,
-        subformat=subformat,
-        hybrid=hybrid,
-        partition_table=ptable,
-        findings=tuple(findings),
-    )
+        return size
+    if fmt == "iso":  # read as raw: the whole file (a hybrid ISO may append partitions)
+        return max(_vsize(by_name["iso"]) or 0, size)
+    if fmt == "vhd" and fixed_vhd:
+        return int(struct.unpack_from(">Q", read_at(fd, size - 512, 512), 48)[0])
+    if fmt in ("qcow2", "qcow"):
+        return int(struct.unpack_from(">Q", head, 24)[0]) if len(head) >= 32 else None
+    if fmt in by_name:
+        return _vsize(by_name[fmt])
+    return None
 
 
 def oslo_safety_check(path: str | os.PathLike[str], oslo_format: str) -> list[str]:

@@ -14,6 +14,7 @@ import struct
 import uuid
 import zlib
 
+from imagekit.formats.base import FormatReport, VerifyOptions
 from imagekit.formats.detect import read_exact, verify_file
 from imagekit.verdict import Finding, Findings, Severity
 
@@ -50,9 +51,9 @@ def _parse_header(buf: bytes) -> dict[str, object]:
             "entry_size": esize, "array_crc": arr_crc}
 
 
-def verify(path: str | os.PathLike[str], *, severity: Severity = "reject") -> tuple[dict[str, object],
-                                                                                      tuple[Finding, ...]]:
-    """Check the partition table of a raw disk (or hybrid ISO); return (info dict, findings).
+def verify(path: str | os.PathLike[str], options: VerifyOptions | None = None, *,
+           severity: Severity = "reject") -> FormatReport:
+    """Check the partition table of a raw disk (or hybrid ISO); ``options`` are not used.
 
     ``severity`` is used for structural damage (hybrid ISOs may pass "warn": their
     payload is the ISO 9660 filesystem, the table only helps booting as a disk).
@@ -69,14 +70,7 @@ def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tu
         return info, f.freeze()
     info["mbr"] = mbr
     info["partition_table"] = "mbr"
-    disk_sectors = size // 512
-    parts: list[dict[str, object]] = mbr["partitions"]  # type: ignore[assignment]
-    for p in parts:
-        if p["boot_flag"] not in (0, 0x80):
-            f.add("mbr-bad-entry", sev, f"MBR entry {p['index']} has an invalid boot flag {p['boot_flag']:#x}")
-        if p["type"] != 0xEE and int(p["start_lba"]) + int(p["sectors"]) > disk_sectors:  # type: ignore[call-overload]
-            f.add("mbr-partition-outside-disk", sev,
-                  f"MBR partition {p['index']} ends beyond the end of the disk ({disk_sectors} sectors)")
+    _check_mbr(mbr, size // 512, sev, f)
 
     for sector_size in (512, 4096):
         hbuf = read_exact(fd, sector_size, 512)
@@ -88,18 +82,39 @@ def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tu
         return info, f.freeze()
     info["partition_table"] = "gpt"
     info["sector_size"] = sector_size
-    disk_lbas = size // sector_size
     hdr = _parse_header(hbuf)
     info["gpt"] = hdr
     if not mbr["protective"]:
         f.warn("gpt-no-protective-mbr", "GPT disk without a protective (0xEE) MBR entry")
+    array = _check_header(fd, hdr, size // sector_size, sector_size, sev, f)
+    if array is not None:
+        info["partitions"] = _partitions(array, hdr, sev, f)
+        _check_backup(fd, hdr, size // sector_size, sector_size, info, f)
+    return info, f.freeze()
+
+
+def _check_mbr(mbr: dict[str, object], disk_sectors: int, sev: Severity, f: Findings) -> None:
+    """The MBR entries' boot flags and that each partition ends inside the disk."""
+    parts: list[dict[str, object]] = mbr["partitions"]  # type: ignore[assignment]
+    for p in parts:
+        if p["boot_flag"] not in (0, 0x80):
+            f.add("mbr-bad-entry", sev, f"MBR entry {p['index']} has an invalid boot flag {p['boot_flag']:#x}")
+        if p["type"] != 0xEE and int(p["start_lba"]) + int(p["sectors"]) > disk_sectors:  # type: ignore[call-overload]
+            f.add("mbr-partition-outside-disk", sev,
+                  f"MBR partition {p['index']} ends beyond the end of the disk ({disk_sectors} sectors)")
+
+
+def _check_header(fd: int, hdr: dict[str, object], disk_lbas: int, sector_size: int, sev: Severity,
+                  f: Findings) -> bytes | None:
+    """The primary header (CRC32, its own LBA, the usable area) and its partition array (read, CRC32);
+    the array, or None if it cannot be read."""
     if not hdr["crc_ok"]:
         f.add("gpt-bad-header-crc", sev, "primary GPT header CRC32 mismatch (corrupt or tampered)")
     n, esize = int(hdr["entries"]), int(hdr["entry_size"])  # type: ignore[call-overload]
     first, last = int(hdr["first_usable"]), int(hdr["last_usable"])  # type: ignore[call-overload]
     if esize < 128 or esize & (esize - 1) or n * esize > MAX_ARRAY or n == 0:
         f.add("gpt-bad-header", sev, f"partition array of {n} entries of {esize} bytes is invalid")
-        return info, f.freeze()
+        return None
     if hdr["current_lba"] != 1:
         f.add("gpt-bad-header", sev, f"primary header says it is at LBA {hdr['current_lba']}")
     if last >= disk_lbas or first > last:
@@ -108,10 +123,16 @@ def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tu
     array = read_exact(fd, arr_off, n * esize)
     if array is None:
         f.add("gpt-truncated", sev, "partition array lies beyond the end of the file")
-        return info, f.freeze()
+        return None
     if zlib.crc32(array) != hdr["array_crc"]:
         f.add("gpt-bad-array-crc", sev, "GPT partition array CRC32 mismatch (corrupt or tampered)")
+    return array
 
+
+def _partitions(array: bytes, hdr: dict[str, object], sev: Severity, f: Findings) -> list[dict[str, object]]:
+    """The used entries of the partition array (at most 257), each inside the usable area; overlaps."""
+    n, esize = int(hdr["entries"]), int(hdr["entry_size"])  # type: ignore[call-overload]
+    first, last = int(hdr["first_usable"]), int(hdr["last_usable"])  # type: ignore[call-overload]
     partitions: list[dict[str, object]] = []
     for i in range(n):
         e = array[i * esize:(i + 1) * esize]
@@ -132,8 +153,12 @@ def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tu
     for a, b in zip(spans, spans[1:], strict=False):
         if b[0] <= a[1]:
             f.warn("gpt-partition-overlap", f"GPT partitions {a[2]} and {b[2]} overlap")
-    info["partitions"] = partitions
+    return partitions
 
+
+def _check_backup(fd: int, hdr: dict[str, object], disk_lbas: int, sector_size: int, info: dict[str, object],
+                  f: Findings) -> None:
+    """The backup header at the LBA the primary names."""
     backup_lba = int(hdr["backup_lba"])  # type: ignore[call-overload]
     bbuf = read_exact(fd, backup_lba * sector_size, 512) if backup_lba < disk_lbas else None
     if bbuf is None:
@@ -143,4 +168,3 @@ def _verify_fd(fd: int, size: int, sev: Severity) -> tuple[dict[str, object], tu
         if not (bhdr["signature_ok"] and bhdr["crc_ok"]):
             f.warn("gpt-backup-invalid", "backup GPT header is missing or has a bad CRC32")
         info["backup_ok"] = bool(bhdr["signature_ok"] and bhdr["crc_ok"])
-    return info, f.freeze()

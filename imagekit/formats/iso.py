@@ -14,6 +14,7 @@ import os
 import struct
 
 from imagekit.formats import gpt
+from imagekit.formats.base import FormatReport, VerifyOptions, report
 from imagekit.formats.detect import open_image, read_exact
 from imagekit.verdict import Finding, Findings
 
@@ -23,8 +24,8 @@ MAX_DESCRIPTORS = 64
 PLATFORMS = {0: "bios", 1: "ppc", 2: "mac", 0xEF: "efi"}
 
 
-def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
-    """Check an ISO 9660 image; return (info dict, findings)."""
+def verify(path: str | os.PathLike[str], options: VerifyOptions | None = None) -> FormatReport:
+    """Check an ISO 9660 image (``options`` are not used: every check is cheap)."""
     fd, st = open_image(path)
     try:
         info, findings = _verify_fd(fd, st.st_size)
@@ -33,16 +34,17 @@ def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Findi
     if info.get("hybrid"):
         # The partition table of a hybrid ISO only matters when booting it as a
         # disk: damage there is worth a warning, not a refusal.
-        pinfo, pfind = gpt.verify(path, severity="warn")
+        table = gpt.verify(path, severity="warn")
+        pinfo = dict(table.format_info)
         info["partition_info"] = pinfo
-        findings = findings + pfind
+        findings = findings + table.findings
         parts: list[dict[str, object]] = pinfo.get("partitions", [])  # type: ignore[assignment]
         mbr: dict[str, object] = pinfo.get("mbr", {})  # type: ignore[assignment]
         info["bootable_as_disk"] = bool(any(p.get("esp") for p in parts) or mbr.get("has_boot_code"))
     else:
         info["bootable_as_disk"] = False
     info["installer_only"] = not info["bootable_as_disk"]
-    return info, findings
+    return report(info, findings)
 
 
 def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ...]]:

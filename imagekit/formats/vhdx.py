@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from dataclasses import dataclass
 
+from imagekit.formats.base import FormatReport, VerifyOptions
 from imagekit.formats.detect import read_exact, verify_file
 from imagekit.verdict import Finding, Findings
 
@@ -68,9 +70,19 @@ def _guid(b: bytes) -> uuid.UUID:
     return uuid.UUID(bytes_le=bytes(b))
 
 
-def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
-    """Check a VHDX file; return (info dict, findings)."""
+def verify(path: str | os.PathLike[str], options: VerifyOptions | None = None) -> FormatReport:
+    """Check a VHDX file (``options`` are not used: every check is cheap)."""
     return verify_file(path, _verify_fd)
+
+
+@dataclass(frozen=True)
+class _Params:
+    """What the metadata says about the virtual disk."""
+
+    block_size: int
+    logical_sector: int
+    virtual_size: int
+    has_parent: bool
 
 
 def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ...]]:
@@ -80,8 +92,28 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
     if ident != b"vhdxfile":
         f.reject("vhdx-bad-signature", "missing the 'vhdxfile' identifier at offset 0")
         return info, f.freeze()
+    if not _headers(fd, info, f):
+        return info, f.freeze()
+    regions = _regions(fd, size, f)
+    if regions is None:
+        return info, f.freeze()
+    info["regions"] = regions
+    if "bat" not in regions or "metadata" not in regions:
+        f.reject("vhdx-bad-region-table", "BAT or metadata region missing")
+        return info, f.freeze()
+    if f.has("vhdx-region-outside-file"):
+        return info, f.freeze()
+    items = _metadata_items(fd, regions["metadata"], f)
+    if items is None:
+        return info, f.freeze()
+    params = _params(items, info, f)
+    if params is not None:
+        _check_bat(fd, size, regions["bat"], params, info, f)
+    return info, f.freeze()
 
-    # --- headers
+
+def _headers(fd: int, info: dict[str, object], f: Findings) -> bool:
+    """Both 4 KiB headers; the valid one with the higher sequence is current. False: neither is valid."""
     headers = []
     for n, off in enumerate(HEADER_OFFSETS, 1):
         buf = read_exact(fd, off, 4 * KiB)
@@ -104,7 +136,7 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
         for i, item in enumerate(f.items):  # a warn on a lone bad header becomes fatal
             if item.code in ("vhdx-bad-header-crc", "vhdx-bad-header"):
                 f.items[i] = Finding(item.code, "reject", item.message)
-        return info, f.freeze()
+        return False
     cur = max(headers, key=lambda h: int(h["sequence"]))
     info["header"] = cur
     if cur["version"] != 1:
@@ -113,8 +145,11 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
         f.reject("vhdx-log-replay-needed",
                  "the VHDX log must be replayed before use (opening it would write to the image); "
                  "open it once in Hyper-V or with qemu-img read-write, then re-check")
+    return True
 
-    # --- region table (QEMU reads table 1; table 2 is a copy)
+
+def _regions(fd: int, size: int, f: Findings) -> dict[str, dict[str, int]] | None:
+    """The region table (QEMU reads table 1; table 2 is a copy): the BAT and metadata regions."""
     tables = [read_exact(fd, off, 64 * KiB) for off in REGION_TABLE_OFFSETS]
     ok = [t is not None and t[:4] == b"regi" and _crc_ok(t) for t in tables]
     if not ok[1]:
@@ -122,12 +157,12 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
     table = tables[0]
     if table is None or not ok[0]:
         f.reject("vhdx-bad-region-crc", "region table 1 is corrupt (bad 'regi' signature or CRC32C)")
-        return info, f.freeze()
+        return None
     regions: dict[str, dict[str, int]] = {}
     (count,) = struct.unpack_from("<I", table, 8)
     if count > 2047:
         f.reject("vhdx-bad-region-table", f"region table has {count} entries (limit 2047)")
-        return info, f.freeze()
+        return None
     for i in range(count):
         e = 16 + 32 * i
         guid = _guid(table[e:e + 16])
@@ -145,24 +180,20 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
         if foff + length > size:
             f.reject("vhdx-region-outside-file",
                      f"{name} region ({foff}+{length}) extends beyond the end of the file ({size})")
-    info["regions"] = regions
-    if "bat" not in regions or "metadata" not in regions:
-        f.reject("vhdx-bad-region-table", "BAT or metadata region missing")
-        return info, f.freeze()
-    if f.has("vhdx-region-outside-file"):
-        return info, f.freeze()
+    return regions
 
-    # --- metadata
-    moff = regions["metadata"]["offset"]
-    mlen = regions["metadata"]["length"]
+
+def _metadata_items(fd: int, region: dict[str, int], f: Findings) -> dict[uuid.UUID, bytes] | None:
+    """The known metadata items of the metadata region, read (bounded); None: no usable metadata table."""
+    moff, mlen = region["offset"], region["length"]
     mtab = read_exact(fd, moff, 64 * KiB)
     if mtab is None or mtab[:8] != b"metadata":
         f.reject("vhdx-bad-metadata", "metadata table lacks the 'metadata' signature")
-        return info, f.freeze()
+        return None
     (mcount,) = struct.unpack_from("<H", mtab, 10)
     if mcount > 2047:
         f.reject("vhdx-bad-metadata", f"metadata table has {mcount} entries (limit 2047)")
-        return info, f.freeze()
+        return None
     items: dict[uuid.UUID, bytes] = {}
     for i in range(mcount):
         e = 32 + 32 * i
@@ -182,18 +213,25 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
             f.reject("vhdx-truncated", f"short read on metadata item {guid}")
             continue
         items[guid] = data
+    return items
 
+
+def _item(items: dict[uuid.UUID, bytes], guid: uuid.UUID, fmt: str) -> int:
+    """One integer metadata item (0 if missing or short)."""
+    data = items.get(guid, b"")
+    return int(struct.unpack_from(fmt, data)[0]) if len(data) >= struct.calcsize(fmt) else 0
+
+
+def _params(items: dict[uuid.UUID, bytes], info: dict[str, object], f: Findings) -> _Params | None:
+    """Block size, sector sizes, virtual size and parent locator; None: they make the BAT unreadable."""
     block_size = has_parent = 0
     if META_FILE_PARAMETERS in items and len(items[META_FILE_PARAMETERS]) >= 8:
         block_size, fp_flags = struct.unpack_from("<II", items[META_FILE_PARAMETERS])
         has_parent = fp_flags & 2
         info["leave_blocks_allocated"] = bool(fp_flags & 1)
-    vsize = struct.unpack_from("<Q", items[META_VIRTUAL_DISK_SIZE])[0] if len(
-        items.get(META_VIRTUAL_DISK_SIZE, b"")) >= 8 else 0
-    lss = struct.unpack_from("<I", items[META_LOGICAL_SECTOR])[0] if len(
-        items.get(META_LOGICAL_SECTOR, b"")) >= 4 else 0
-    pss = struct.unpack_from("<I", items[META_PHYSICAL_SECTOR])[0] if len(
-        items.get(META_PHYSICAL_SECTOR, b"")) >= 4 else 0
+    vsize = _item(items, META_VIRTUAL_DISK_SIZE, "<Q")
+    lss = _item(items, META_LOGICAL_SECTOR, "<I")
+    pss = _item(items, META_PHYSICAL_SECTOR, "<I")
     info.update({"virtual_size": vsize, "block_size": block_size, "logical_sector_size": lss,
                  "physical_sector_size": pss})
     if has_parent or META_PARENT_LOCATOR in items:
@@ -203,32 +241,37 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
                  "(a backing file can name any host file; merge it into a standalone disk first)")
     if not (MiB <= block_size <= 256 * MiB) or block_size & (block_size - 1):
         f.reject("vhdx-bad-metadata", f"block size {block_size} is not a power of two in 1..256 MiB")
-        return info, f.freeze()
+        return None
     if lss not in (512, 4096) or pss not in (512, 4096):
         f.reject("vhdx-bad-metadata", f"sector sizes {lss}/{pss} are not 512 or 4096")
-        return info, f.freeze()
+        return None
     if not 0 < vsize <= MAX_VIRTUAL or vsize % lss:
         f.reject("vhdx-bad-metadata", f"virtual disk size {vsize} is zero, unaligned or above 64 TiB")
-        return info, f.freeze()
+        return None
+    return _Params(block_size, lss, vsize, bool(has_parent))
 
-    # --- BAT
-    chunk_ratio = (1 << 23) * lss // block_size
-    data_blocks = -(-vsize // block_size)
-    if has_parent:
+
+def _check_bat(fd: int, size: int, region: dict[str, int], p: _Params, info: dict[str, object],
+               f: Findings) -> None:
+    """The BAT: large enough for the disk, and every allocated payload block inside the file."""
+    block_size = p.block_size
+    chunk_ratio = (1 << 23) * p.logical_sector // block_size
+    data_blocks = -(-p.virtual_size // block_size)
+    if p.has_parent:
         entries = (-(-data_blocks // chunk_ratio)) * (chunk_ratio + 1)
     else:
         entries = data_blocks + (data_blocks - 1) // chunk_ratio
-    boff, blen = regions["bat"]["offset"], regions["bat"]["length"]
+    boff, blen = region["offset"], region["length"]
     if entries * 8 > blen:
         f.reject("vhdx-bat-too-small", f"BAT region holds {blen // 8} entries, {entries} are needed")
-        return info, f.freeze()
+        return
     if entries * 8 > MAX_BAT_BYTES:
         f.warn("vhdx-bat-not-checked", f"BAT of {entries * 8} bytes is too large to check")
-        return info, f.freeze()
+        return
     bat = read_exact(fd, boff, entries * 8)
     if bat is None:
         f.reject("vhdx-truncated", "short read on the BAT")
-        return info, f.freeze()
+        return
     allocated = outside = 0
     for idx, (entry,) in enumerate(struct.iter_unpack("<Q", bat)):
         if (idx + 1) % (chunk_ratio + 1) == 0:
@@ -241,7 +284,6 @@ def _verify_fd(fd: int, size: int) -> tuple[dict[str, object], tuple[Finding, ..
     info["allocated_blocks"] = allocated
     if outside:
         f.reject("vhdx-block-outside-file", f"{outside} allocated block(s) point beyond the end of the file")
-    return info, f.freeze()
 
 
 def _parent_locator(data: bytes) -> dict[str, object]:

@@ -17,6 +17,7 @@ import os
 import re
 import struct
 
+from imagekit.formats.base import FormatReport, VerifyOptions
 from imagekit.formats.detect import read_at, read_exact, verify_file
 from imagekit.verdict import Finding, Findings
 
@@ -103,8 +104,8 @@ def _parse_header(buf: bytes) -> dict[str, int]:
             "newline_chars": int.from_bytes(buf[73:77], "big"), "compress_algorithm": buf[77] | buf[78] << 8}
 
 
-def verify(path: str | os.PathLike[str]) -> tuple[dict[str, object], tuple[Finding, ...]]:
-    """Check a VMDK file; return (info dict, findings)."""
+def verify(path: str | os.PathLike[str], options: VerifyOptions | None = None) -> FormatReport:
+    """Check a VMDK file (``options`` are not used: every check is cheap)."""
     return verify_file(path, _verify_fd, os.path.basename(os.fspath(path)))
 
 
@@ -118,14 +119,7 @@ def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tu
         f.reject("vmdk-version", "VMDK3 (COWD) sparse files are not supported")
         return info, f.freeze()
     if magic != b"KDMV":
-        # A text descriptor: everything it describes lives in other files.
-        text = read_at(fd, 0, MAX_DESC).split(b"\x00", 1)[0].decode("ascii", "replace")
-        desc = parse_descriptor(text)
-        info["subformat"] = "descriptor"
-        info["descriptor"] = desc
-        f.reject("vmdk-descriptor-file",
-                 "text-only VMDK descriptor: its data lives in other files it names (refused: CVE-2022-47951)")
-        _check_descriptor(desc, f, embedded=False, own_name=own_name)
+        _descriptor_file(fd, info, f, own_name)
         return info, f.freeze()
     if head is None:
         f.reject("vmdk-truncated", f"file is {size} bytes, smaller than a sparse header")
@@ -133,9 +127,30 @@ def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tu
 
     hdr = _parse_header(head)
     info["header"] = hdr
+    if not _header_ok(hdr, f) or not _embedded_descriptor(fd, size, hdr, info, f, own_name):
+        return info, f.freeze()
+    gd_off = _gd_offset(fd, size, hdr, info, f)
+    if gd_off is not None:
+        _grain_tables(fd, size, hdr, gd_off, info, f)
+    return info, f.freeze()
+
+
+def _descriptor_file(fd: int, info: dict[str, object], f: Findings, own_name: str) -> None:
+    """A text descriptor: everything it describes lives in other files."""
+    text = read_at(fd, 0, MAX_DESC).split(b"\x00", 1)[0].decode("ascii", "replace")
+    desc = parse_descriptor(text)
+    info["subformat"] = "descriptor"
+    info["descriptor"] = desc
+    f.reject("vmdk-descriptor-file",
+             "text-only VMDK descriptor: its data lives in other files it names (refused: CVE-2022-47951)")
+    _check_descriptor(desc, f, embedded=False, own_name=own_name)
+
+
+def _header_ok(hdr: dict[str, int], f: Findings) -> bool:
+    """The sparse header's version, newline bytes, clean shutdown, grain size and grain table size."""
     if hdr["version"] not in (1, 2, 3):
         f.reject("vmdk-version", f"unsupported sparse extent version {hdr['version']}")
-        return info, f.freeze()
+        return False
     if hdr["flags"] & 1 and hdr["newline_chars"] != 0x0A200D0A:
         f.reject("vmdk-corrupt-newlines", "newline detection bytes are wrong: the file was corrupted by a text "
                  "mode transfer")
@@ -144,19 +159,23 @@ def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tu
     grain, gtes = hdr["grain_size"], hdr["gtes_per_gt"]
     if grain < 1 or grain & (grain - 1) or grain > 2048:
         f.reject("vmdk-bad-header", f"grain size {grain} sectors is not a power of two up to 1 MiB")
-        return info, f.freeze()
+        return False
     if gtes < 1 or gtes > 512:
         f.reject("vmdk-bad-header", f"{gtes} grain table entries per table (QEMU allows up to 512)")
-        return info, f.freeze()
+        return False
+    return True
 
-    # --- embedded descriptor
+
+def _embedded_descriptor(fd: int, size: int, hdr: dict[str, int], info: dict[str, object], f: Findings,
+                         own_name: str) -> bool:
+    """The descriptor embedded in a sparse file; False: the grain directory must not be walked."""
     d_off, d_len = hdr["descriptor_offset"] * SECTOR, hdr["descriptor_size"] * SECTOR
     if d_off == 0 or d_len == 0:
         f.reject("vmdk-bad-header", "sparse header has no embedded descriptor")
-        return info, f.freeze()
+        return False
     if d_len > MAX_DESC or d_off + d_len > size:
         f.reject("vmdk-bad-header", f"descriptor ({d_off}+{d_len}) is too large or beyond the end of the file")
-        return info, f.freeze()
+        return False
     raw = read_exact(fd, d_off, d_len) or b""
     text = raw.split(b"\x00", 1)[0].decode("ascii", "replace")
     desc = parse_descriptor(text)
@@ -168,41 +187,50 @@ def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tu
         f.reject("vmdk-external-extent", "zero-capacity sparse header: QEMU reads the embedded descriptor as a "
                  "descriptor file, whose extents can name host files")
         _check_descriptor(desc, f, embedded=False, own_name=own_name)
-        return info, f.freeze()
+        return False
     _check_descriptor(desc, f, embedded=True, own_name=own_name)
     info["virtual_size"] = hdr["capacity"] * SECTOR
+    return True
 
-    # --- streamOptimized footer
+
+def _gd_offset(fd: int, size: int, hdr: dict[str, int], info: dict[str, object], f: Findings) -> int | None:
+    """The grain directory's sector (streamOptimized: from the footer header); None: unusable footer."""
     gd_off = hdr["gd_offset"]
-    if gd_off == GD_AT_END:
-        footer = read_exact(fd, size - 1024, SECTOR) if size >= 1536 + SECTOR else None
-        if footer is None or footer[:4] != b"KDMV":
-            f.reject("vmdk-bad-footer", "grain directory is 'at end' but there is no footer header")
-            return info, f.freeze()
-        fhdr = _parse_header(footer)
-        if fhdr["gd_offset"] == GD_AT_END or fhdr["capacity"] != hdr["capacity"] or fhdr["grain_size"] != grain:
-            f.reject("vmdk-bad-footer", "footer header disagrees with the header")
-            return info, f.freeze()
-        gd_off = fhdr["gd_offset"]
-        info["footer_gd_offset"] = gd_off
+    if gd_off != GD_AT_END:
+        return gd_off
+    footer = read_exact(fd, size - 1024, SECTOR) if size >= 1536 + SECTOR else None
+    if footer is None or footer[:4] != b"KDMV":
+        f.reject("vmdk-bad-footer", "grain directory is 'at end' but there is no footer header")
+        return None
+    fhdr = _parse_header(footer)
+    if fhdr["gd_offset"] == GD_AT_END or fhdr["capacity"] != hdr["capacity"] or fhdr["grain_size"] != hdr["grain_size"]:
+        f.reject("vmdk-bad-footer", "footer header disagrees with the header")
+        return None
+    gd_off = fhdr["gd_offset"]
+    info["footer_gd_offset"] = gd_off
+    return gd_off
 
-    # --- grain directory / tables
+
+def _grain_tables(fd: int, size: int, hdr: dict[str, int], gd_off: int, info: dict[str, object],
+                  f: Findings) -> None:
+    """The grain directory and every grain table: inside the file, and every allocated grain too."""
+    grain, gtes = hdr["grain_size"], hdr["gtes_per_gt"]
     n_gts = -(-hdr["capacity"] // (grain * gtes))
     gd_bytes = n_gts * 4
     info["grain_tables"] = n_gts
     if gd_off == 0 or gd_off * SECTOR + gd_bytes > size:
         f.reject("vmdk-gd-outside-file",
                  f"grain directory ({gd_off * SECTOR}+{gd_bytes}) lies outside the file ({size} bytes)")
-        return info, f.freeze()
+        return
     if hdr["flags"] & 2 and hdr["rgd_offset"] * SECTOR + gd_bytes > size:
         f.warn("vmdk-gd-outside-file", "redundant grain directory lies outside the file")
     if gd_bytes > MAX_GD_BYTES or n_gts * gtes * 4 > MAX_GT_BYTES:
         f.warn("vmdk-gt-not-checked", "grain directory too large to check every table")
-        return info, f.freeze()
+        return
     gd = read_exact(fd, gd_off * SECTOR, gd_bytes)
     if gd is None:
         f.reject("vmdk-truncated", "short read on the grain directory")
-        return info, f.freeze()
+        return
     gt_out = grain_out = allocated = 0
     for (gt_sec,) in struct.iter_unpack("<I", gd):
         if gt_sec == 0:
@@ -221,4 +249,3 @@ def _verify_fd(fd: int, size: int, own_name: str) -> tuple[dict[str, object], tu
         f.reject("vmdk-gt-outside-file", f"{gt_out} grain table(s) lie outside the file")
     if grain_out:
         f.reject("vmdk-grain-outside-file", f"{grain_out} grain(s) point beyond the end of the file")
-    return info, f.freeze()
