@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from imagekit import __version__
+from imagekit import __version__, signals
 from imagekit.errors import ImagekitError, RecipeError, UsageError
 
 if TYPE_CHECKING:
@@ -487,10 +487,11 @@ def upload(image: str | None, cloud: str | None, name: str | None, recipe: str |
     leaves no usable image behind.
     """
     from imagekit import glance, properties
+    from imagekit import recipe as rec
     from imagekit.cloud import connect
 
     opts = glance.UploadOptions(
-        name=name, recipe=recipe, properties=properties.parse_assignments(props), visibility=visibility,
+        name=name, recipe=rec.load(recipe) if recipe else None, properties=properties.parse_assignments(props), visibility=visibility,
         tags=list(tags), protected=protected, min_ram=min_ram, import_method=import_method,  # type: ignore[arg-type]
         url=url, disk_format=disk_format, force_upload=force_upload, prune_keep=prune_keep,
         prune_action=prune_action, prune_prefix=prune_prefix,  # type: ignore[arg-type]
@@ -734,9 +735,11 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
     """Build RECIPE: build -> customise -> convert -> check -> (upload); writes IMAGE and IMAGE.manifest.json."""
     from pathlib import Path
 
-    from imagekit import pipeline
+    from imagekit import pipeline, workdir
     from imagekit import recipe as rec
 
+    for reaped in workdir.reap_stale():
+        err_console.print(f"removed a stale work folder: {reaped.summary()}", markup=False, highlight=False)
     r = rec.load(recipe_ref)
     if upload and not cloud:
         raise UsageError("--upload needs --cloud NAME (or OS_CLOUD)",
@@ -979,16 +982,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     debug = "--debug" in args
+    signals.install()
     try:
         cli.main(args=args, prog_name="imagekit", standalone_mode=False)
     except ImagekitError as exc:
         sys.exit(_report_error(exc, as_json, debug))
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         err_console.print("interrupted", markup=False)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        err_console.print("interrupted", markup=False)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(signals.exit_code_of(exc))
     except click.ClickException as exc:
         exc.show()
         sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
