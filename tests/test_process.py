@@ -101,3 +101,29 @@ def test_pid_file_of_a_recycled_pid_is_not_signalled(tmp_path: Path) -> None:
         pid_file.write_text(f"{other.pid}\n")  # a PID that now belongs to an unrelated program
         assert Process.attach(pid_file, "imagekit-test-server:x") is None
         assert other.running()
+
+
+def test_boot_follows_the_console_of_qemu(tmp_path: Path) -> None:
+    """boot() runs QEMU as a Process and follows its serial console through the log file."""
+    from imagekit import accel, boot
+
+    if accel.qemu_system_binary() is None:
+        pytest.skip("qemu-system is not installed")
+    disk = tmp_path / "sector.raw"
+    disk.write_bytes(accel.BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    console = tmp_path / "console.log"
+    res = boot.boot(disk, "raw", timeout=8, wait_for="login", accel_name="tcg", console_log=console)
+    assert not res.ok and res.reached == ()
+    assert "IMAGEKIT-PROBE-OK" in res.console_tail and b"IMAGEKIT-PROBE-OK" in console.read_bytes()
+    assert qemu_processes(str(disk)) == []  # QEMU was stopped
+
+
+def qemu_processes(needle: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and needle.encode() in (d / "cmdline").read_bytes() and alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
