@@ -106,11 +106,13 @@ class CleanupReport:
     def summary(self) -> str:
         parts = []
         if self.processes:
-            parts.append(f"ended {len(self.processes)} process(es) ({', '.join(self.processes)})")
+            shown = ", ".join(self.processes[:6]) + (", ..." if len(self.processes) > 6 else "")
+            parts.append(f"ended {len(self.processes)} process(es) ({shown})")
         if self.unmounted:
             parts.append(f"unmounted {len(self.unmounted)} mount(s)")
         if self.loops or self.maps:
-            parts.append(f"detached {len(self.loops)} loop device(s) ({', '.join(self.loops + self.maps)})")
+            parts.append(f"detached {len(self.loops) + len(self.maps)} loop device(s) "
+                         f"({', '.join(self.loops + self.maps)})")
         parts.append("removed the folder" if self.removed else "could NOT remove the folder")
         who = f" (owner {self.owner.describe()})" if self.owner else ""
         text = f"{self.path}{who}: " + ", ".join(parts)
@@ -415,6 +417,6 @@ def reap_stale(base: str | os.PathLike[str] | None = None) -> list[CleanupReport
         finally:
             if fd is not None:
                 os.close(fd)
-        log.warning("removed a stale work folder: %s", report.summary())
+        log.info("removed a stale work folder: %s", report.summary())
         reports.append(report)
     return reports
