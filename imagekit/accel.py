@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import platform
-import select
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +25,7 @@ from typing import Literal
 
 from imagekit import paths
 from imagekit.errors import UsageError
+from imagekit.process import Process
 
 log = logging.getLogger("imagekit.accel")
 
@@ -101,33 +100,36 @@ def probe_guest(accel: Accel, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str
             ]
             markers = (PROBE_MARKER,)
             what = "boot sector"
-        log.info("run: %s", " ".join(argv))
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        seen = b""
-        try:
-            while time.monotonic() - start < timeout:
-                ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-                if ready:
-                    chunk = os.read(proc.stdout.fileno(), 4096)
-                    if not chunk:
-                        break
-                    seen = (seen + chunk)[-8192:]
-                    if any(m in seen for m in markers):
-                        elapsed = time.monotonic() - start
-                        return True, f"a {accel.upper()} probe guest ({what}) ran in {elapsed:.1f} s"
-                elif proc.poll() is not None:
-                    break
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            _, err_bytes = proc.communicate()
-        if proc.returncode not in (None, -9) and time.monotonic() - start < timeout:
-            err = err_bytes.decode(errors="replace").strip().splitlines()
-            detail = err[-1] if err else f"exit status {proc.returncode}"
-            return False, f"{accel.upper()} probe failed: {detail}"
+        with Process(argv, log_path=Path(tmp) / "console.log", stop_timeout=1.0) as proc:
+            seen = _wait_for_markers(proc, markers, start, timeout)
+            if seen:
+                elapsed = time.monotonic() - start
+                return True, f"a {accel.upper()} probe guest ({what}) ran in {elapsed:.1f} s"
+            ended = proc.poll()
+            if ended is not None and time.monotonic() - start < timeout:
+                lines = proc.log_tail(5).strip().splitlines()
+                detail = lines[-1] if lines else f"exit status {ended}"
+                return False, f"{accel.upper()} probe failed: {detail}"
         return False, f"a {accel.upper()} guest ({what}) printed nothing within {timeout:g} s (it hangs after the BIOS)"
+
+
+def _wait_for_markers(proc: Process, markers: tuple[bytes, ...], start: float, timeout: float) -> bool:
+    """Poll the probe's console until a marker shows, the guest ends or ``timeout`` passes."""
+    seen = b""
+    offset = 0
+    while time.monotonic() - start < timeout:
+        chunk = proc.read_log(offset, 65536)
+        if chunk:
+            offset += len(chunk)
+            seen = (seen + chunk)[-8192:]
+            if any(m in seen for m in markers):
+                return True
+            continue
+        if not proc.running():
+            return False
+        time.sleep(0.1)
+    return False
 
 
 def _kvm_identity() -> str | None:

@@ -4,8 +4,9 @@ The image is attached read-only in effect (``snapshot=on``: writes go to a
 throw-away overlay), with a cloud-init NoCloud seed (an ISO labelled ``cidata``
 made with pycdlib) whose runcmd prints a marker, so a boot is proved both by
 the login prompt and by cloud-init having run. QEMU uses the accelerator
-chosen by ``imagekit.accel``; the whole run is bounded by a timeout and QEMU is
-always stopped.
+chosen by ``imagekit.accel``; it runs as an ``imagekit.process.Process`` (its serial
+console goes to a log file that is followed here), the whole run is bounded by a
+timeout and QEMU is always stopped.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import io
 import logging
 import os
 import re
-import select
-import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from imagekit import accel
 from imagekit.errors import ImagekitError
+from imagekit.process import Process
 
 log = logging.getLogger("imagekit.boot")
 
@@ -77,8 +76,6 @@ def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memor
     if fmt not in ("qcow2", "raw"):
         raise BootError(f"boot tests take qcow2 or raw images, not {fmt}")
     start = time.monotonic()
-    reached: list[str] = []
-    tail = ""
     with tempfile.TemporaryDirectory(prefix="imagekit-boot-") as tmp:
         seed = nocloud_seed(Path(tmp) / "seed.iso")
         argv = [
@@ -88,41 +85,34 @@ def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memor
             "-drive", f"file={seed},format=raw,if=virtio,readonly=on",
             "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0",
         ]
-        log.info("run: %s", " ".join(argv))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        buf = b""
-        logf = open(console_log, "wb") if console_log else None  # noqa: SIM115 - closed in finally
-        try:
-            while time.monotonic() - start < timeout:
-                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-                if not ready:
-                    if proc.poll() is not None:
-                        break
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                if logf:
-                    logf.write(chunk)
-                buf = (buf + chunk)[-65536:]
-                text = buf.decode(errors="replace")
-                if "login" not in reached and LOGIN_RE.search(text):
-                    reached.append("login")
-                if "cloud-init" not in reached and (MARKER in text or CLOUD_FINAL_RE.search(text)):
-                    reached.append("cloud-init")
-                if wait_for in reached:
-                    break
-        finally:
-            if logf:
-                logf.close()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        tail = "\n".join(buf.decode(errors="replace").splitlines()[-30:])
+        log_path = console_log or Path(tmp) / "console.log"
+        if console_log is not None:
+            console_log.unlink(missing_ok=True)
+        with Process(argv, log_path=log_path) as proc:
+            reached, text = _watch(proc, start, timeout, wait_for)
+        tail = "\n".join(text.splitlines()[-30:])
     return BootResult(wait_for in reached, round(time.monotonic() - start, 1), tuple(reached), choice.accel, tail)
+
+
+def _watch(proc: Process, start: float, timeout: float, wait_for: str) -> tuple[list[str], str]:
+    """Follow the serial console (QEMU's log) until ``wait_for`` is reached, QEMU ends or time is up."""
+    reached: list[str] = []
+    buf = b""
+    offset = 0
+    while time.monotonic() - start < timeout:
+        chunk = proc.read_log(offset)
+        if not chunk:
+            if not proc.running():
+                break
+            time.sleep(0.25)
+            continue
+        offset += len(chunk)
+        buf = (buf + chunk)[-65536:]
+        text = buf.decode(errors="replace")
+        if "login" not in reached and LOGIN_RE.search(text):
+            reached.append("login")
+        if "cloud-init" not in reached and (MARKER in text or CLOUD_FINAL_RE.search(text)):
+            reached.append("cloud-init")
+        if wait_for in reached:
+            break
+    return reached, buf.decode(errors="replace")

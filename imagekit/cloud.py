@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from imagekit.errors import ImagekitError
+from imagekit.secrets import Secrets
 
 log = logging.getLogger("imagekit.cloud")
 
 T = TypeVar("T")
-SECRET_KEYS = ("password", "token", "secret", "application_credential_secret", "passcode", "client_secret", "key")
 DEFAULT_TIMEOUT = 120.0
 NO_CLOUD_HINT = ("pass --cloud NAME (an entry of clouds.yaml), or set OS_CLOUD or the OS_AUTH_URL/OS_* variables; "
                  "'imagekit glance serve' creates the cloud 'imagekit-local'")
@@ -72,28 +72,15 @@ def _known_clouds(config: Any) -> list[str]:
         return []
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if s and len(s) >= 3:
-            text = text.replace(s, "****")
-    return text
-
-
-def _secrets_of(auth: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in auth.items():
-        if isinstance(v, str) and any(s in k.lower() for s in SECRET_KEYS):
-            out.append(v)
-    return out
-
-
 def translate(exc: BaseException, cloud: str, what: str, endpoint: str | None = None,
-              auth_url: str | None = None, secrets: list[str] | None = None) -> CloudError:
-    """A CloudError for an exception raised by keystoneauth1, glanceclient or openstacksdk."""
+              auth_url: str | None = None, secrets: Secrets | Iterable[str] | None = None) -> CloudError:
+    """A CloudError for an exception raised by keystoneauth1, glanceclient or openstacksdk.
+
+    Every text taken from the exception is scrubbed of ``secrets`` (the cloud's credentials)."""
     from glanceclient import exc as gexc
     from keystoneauth1 import exceptions as ksa
 
-    secrets = secrets or []
+    secrets = secrets if isinstance(secrets, Secrets) else Secrets(secrets or ())
     where = endpoint or auth_url or "the cloud"
     if isinstance(exc, ksa.Unauthorized | gexc.HTTPUnauthorized):
         return CloudError(f"cloud '{cloud}': authentication failed while trying to {what} (HTTP 401)",
@@ -112,7 +99,7 @@ def translate(exc: BaseException, cloud: str, what: str, endpoint: str | None = 
         return CloudError(f"cloud '{cloud}': no image (Glance) endpoint in the service catalog",
                           "check region_name and interface in clouds.yaml")
     if isinstance(exc, ksa.MissingRequiredOptions | ksa.MissingAuthPlugin | ksa.NoMatchingPlugin):
-        return CloudError(f"cloud '{cloud}': incomplete authentication settings: {_scrub(str(exc), secrets)}",
+        return CloudError(f"cloud '{cloud}': incomplete authentication settings: {secrets.scrub(str(exc))}",
                           "complete the cloud's auth section in clouds.yaml or the OS_* variables")
     if isinstance(exc, gexc.HTTPException):
         code = getattr(exc, "code", None)
@@ -120,17 +107,17 @@ def translate(exc: BaseException, cloud: str, what: str, endpoint: str | None = 
                           f"{_detail(exc, secrets)}", _hint_for_code(code))
     if isinstance(exc, ksa.HttpError):
         return CloudError(f"cloud '{cloud}': request failed while trying to {what} (HTTP {exc.http_status}): "
-                          f"{_scrub(exc.message or '', secrets)}", None)
+                          f"{secrets.scrub(exc.message or '')}", None)
     if isinstance(exc, ksa.ClientException):
-        return CloudError(f"cloud '{cloud}': {what} failed: {_scrub(str(exc), secrets)}", None)
-    return CloudError(f"cloud '{cloud}': {what} failed: {type(exc).__name__}: {_scrub(str(exc), secrets)}",
+        return CloudError(f"cloud '{cloud}': {what} failed: {secrets.scrub(str(exc))}", None)
+    return CloudError(f"cloud '{cloud}': {what} failed: {type(exc).__name__}: {secrets.scrub(str(exc))}",
                       "run again with --debug for details")
 
 
-def _detail(exc: BaseException, secrets: list[str]) -> str:
+def _detail(exc: BaseException, secrets: Secrets) -> str:
     text = str(getattr(exc, "details", "") or exc)
     text = " ".join(text.split())
-    return _scrub(text[:500], secrets)
+    return secrets.scrub(text)[:500]
 
 
 def _hint_for_code(code: object) -> str | None:
@@ -183,7 +170,8 @@ def connect(cloud: str | None = None, *, probe: bool = True, timeout: float | No
     name = str(region.name or cloud or "envvars")
     conf = region.config
     auth_conf = dict(conf.get("auth") or {})
-    secrets = _secrets_of(auth_conf)
+    secrets = Secrets().add_mapping(auth_conf)
+    secrets.add(*(v for k, v in auth_conf.items() if isinstance(v, str) and "passcode" in str(k).lower()))
     auth_type = str(conf.get("auth_type") or "password")
     auth_url = auth_conf.get("auth_url")
     headers_raw = conf.get("imagekit_identity_headers") or {}

@@ -6,8 +6,8 @@
    anything is created in Glance. ``disk_format`` comes from the DETECTED format
    (never the extension), ``container_format`` is ``bare``, ``min_disk`` is the
    virtual size in GiB rounded up.
-2. Properties: the recipe's profile + ``glance.properties`` + ``--property``,
-   linted (``imagekit.properties``); an inconsistent set raises before upload.
+2. Properties: the recipe's profile + ``glance.properties`` + ``--property``
+   (``UploadOptions.recipe`` is a loaded ``Recipe``: it is never re-read here), linted (``imagekit.properties``); an inconsistent set raises before upload.
 3. Idempotency: an active image with the same name, the same size and the same
    sha512 (``os_hash_value``) is reused (``force_upload`` overrides). The local
    digest is only computed ahead when such a candidate exists (one extra pass);
@@ -22,12 +22,11 @@
    assurance; a Glance configured with another ``hashing_algorithm`` costs one
    more local pass with that algorithm); then ``imagekit_incomplete`` is removed and
    ``protected`` set. Any failure (mismatch, server error, server gone,
-   Ctrl-C) deletes the record; when even that is impossible the error says so
+   Ctrl-C, SIGTERM or SIGHUP) deletes the record; when even that is impossible the error says so
    and the record keeps ``imagekit_incomplete=true`` (and is not active).
 
-``list_images`` / ``prune`` implement rotation by name prefix: the newest
-``keep`` images (by ``created_at``) stay, older ones are hidden, deactivated or
-deleted; protected images are never touched and do not count.
+``list_images`` / ``prune`` (``imagekit.glance_images``, re-exported here) implement
+rotation by name prefix; ``HashingReader`` lives in ``imagekit.glance_stream``.
 """
 
 from __future__ import annotations
@@ -36,31 +35,27 @@ import hashlib
 import logging
 import math
 import os
-import queue
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from imagekit import properties as props_mod
 from imagekit.cloud import Cloud, CloudError, translate
-from imagekit.errors import ImagekitError, ImageReadError, UnsafeImageError, UsageError
+from imagekit.errors import ImagekitError, UnsafeImageError, UsageError
+from imagekit.glance_images import IMAGE_FIELDS, PruneAction, image_dict, list_images, prune, summary
+from imagekit.glance_stream import CHUNK, SEND_CHUNK, HashingReader, Progress
 
 if TYPE_CHECKING:
     from imagekit.recipe import Recipe
 
 log = logging.getLogger("imagekit.glance")
 
-Progress = Callable[[str, float], None]
 ImportMethod = Literal["direct", "glance-direct", "web-download"]
-PruneAction = Literal["hide", "deactivate", "delete"]
 
 GiB = 1 << 30
-CHUNK = 1 << 20
-SEND_CHUNK = 4 << 20
 INCOMPLETE = "imagekit_incomplete"
 # imagekit format name (check()/detect()) -> Glance disk_format
 DISK_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vhd": "vhd", "vpc": "vhd", "vhdx": "vhdx", "vmdk": "vmdk",
@@ -76,128 +71,13 @@ class VerifyError(GlanceError):
     """Glance stored something else than what was sent (size or digest differ)."""
 
 
-# ---------------------------------------------------------------- hashing reader
-
-
-class HashingReader:
-    """A file-like object that hashes (sha512, md5, ...) exactly the bytes it yields.
-
-    The upload reads the file through it once; ``digests()`` then describe what
-    was sent. Each algorithm runs in its own thread (hashlib releases the GIL), fed
-    the chunks ``read()`` returns, so hashing overlaps with sending instead of
-    delaying it. ``progress(phase, fraction)`` is called as chunks are read.
-    """
-
-    QUEUE_CHUNKS = 8
-
-    def __init__(self, path: str | os.PathLike[str], algorithms: tuple[str, ...] = ("sha512",),
-                 progress: Progress | None = None, phase: str = "upload") -> None:
-        try:
-            self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()/context
-        except OSError as exc:
-            raise ImageReadError(f"cannot read {path}: {exc.strerror}") from exc
-        self.path = os.fspath(path)
-        self.size = os.fstat(self._f.fileno()).st_size
-        self._hashers = {a: hashlib.new(a) for a in algorithms}
-        self._queues: dict[str, queue.Queue[bytes | None]] = {
-            a: queue.Queue(maxsize=self.QUEUE_CHUNKS) for a in algorithms}
-        self._threads = [threading.Thread(target=self._hash_loop, args=(a,), daemon=True,
-                                          name=f"imagekit-{a}") for a in algorithms]
-        for t in self._threads:
-            t.start()
-        self._finished = False
-        self.bytes_read = 0
-        self._progress = progress
-        self._phase = phase
-        self._last = -1.0
-        try:
-            os.posix_fadvise(self._f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
-
-    def _hash_loop(self, algo: str) -> None:
-        h, q = self._hashers[algo], self._queues[algo]
-        while True:
-            chunk = q.get()
-            if chunk is None:
-                return
-            h.update(chunk)
-
-    def read(self, n: int = -1) -> bytes:
-        if self._finished:
-            return b""
-        if n is None or n < 0:
-            n = max(self.size - self.bytes_read, CHUNK)
-        data = self._f.read(n)
-        if data:
-            for q in self._queues.values():
-                q.put(data)
-            self.bytes_read += len(data)
-            if self._progress is not None and self.size:
-                frac = self.bytes_read / self.size
-                if frac - self._last >= 0.002 or frac >= 1.0:
-                    self._last = frac
-                    self._progress(self._phase, frac)
-        return data or b""
-
-    def _finish(self) -> None:
-        if not self._finished:
-            self._finished = True
-            for q in self._queues.values():
-                q.put(None)
-            for t in self._threads:
-                t.join()
-
-    def digests(self) -> dict[str, str]:
-        """The digests of every byte read so far (stops the hashing threads: call it once, at the end)."""
-        self._finish()
-        return {a: h.hexdigest() for a, h in self._hashers.items()}
-
-    def close(self) -> None:
-        self._finish()
-        self._f.close()
-
-    def __enter__(self) -> HashingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def body(self, chunk: int = SEND_CHUNK) -> _Body:
-        """An iterable with a length: requests sends it with Content-Length (not chunked) in big pieces."""
-        return _Body(self, chunk)
-
-
-class _Body:
-    """What requests/urllib3 send: iterable (no ``read``, so urllib3 does not fall back to 16 KiB reads)
-    and sized (so the request has a Content-Length instead of chunked transfer encoding, which the WSGI
-    server decodes far more slowly)."""
-
-    def __init__(self, reader: HashingReader, chunk: int) -> None:
-        self._reader = reader
-        self._chunk = chunk
-
-    def __len__(self) -> int:
-        return self._reader.size
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            data = self._reader.read(self._chunk)
-            if not data:
-                return
-            yield data
-
-
 # ---------------------------------------------------------------- planning
 
 
 @dataclass
 class UploadOptions:
     name: str | None = None
-    recipe: str | None = None
+    recipe: Recipe | None = None  # a loaded recipe (never re-loaded here: its {date} stays as loaded)
     properties: dict[str, str] = field(default_factory=dict)
     visibility: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -243,14 +123,6 @@ class Plan:
         return d
 
 
-def _load_recipe(ref: str | None) -> Recipe | None:
-    if ref is None:
-        return None
-    from imagekit import recipe as rec
-
-    return rec.load(ref)
-
-
 def min_disk_gib(virtual_size: int | None) -> int:
     return 0 if not virtual_size else max(1, math.ceil(virtual_size / GiB))
 
@@ -272,7 +144,7 @@ def plan(path: str | os.PathLike[str] | None, options: UploadOptions, *, lint_on
         raise UsageError("--url is only used with --import-method web-download")
     if path is None and options.import_method != "web-download" and not lint_only:
         raise UsageError("no image file given", "imagekit upload IMAGE --cloud NAME")
-    recipe = _load_recipe(options.recipe)
+    recipe = options.recipe
     properties = props_mod.build(recipe, options.properties)
     findings = props_mod.check_lint(properties, recipe)
 
@@ -345,23 +217,6 @@ class UploadResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-IMAGE_FIELDS = ("id", "name", "status", "disk_format", "container_format", "size", "virtual_size", "min_disk",
-                "min_ram", "visibility", "protected", "os_hidden", "checksum", "os_hash_algo", "os_hash_value",
-                "created_at", "updated_at", "tags", "owner")
-
-
-def image_dict(img: Any) -> dict[str, Any]:
-    """A glanceclient image (warlock model) as a plain dict."""
-    return {str(k): v for k, v in dict(img).items()}
-
-
-def summary(img: Mapping[str, Any]) -> dict[str, Any]:
-    base = {k: img.get(k) for k in IMAGE_FIELDS}
-    base["properties"] = {k: v for k, v in img.items() if k not in IMAGE_FIELDS and k not in
-                          ("file", "schema", "self", "locations", "direct_url", "stores")}
-    return base
 
 
 def _find_reusable(c: Cloud, plan_: Plan, progress: Progress | None) -> tuple[dict[str, Any] | None,
@@ -483,15 +338,23 @@ def _discard(c: Cloud, image_id: str) -> str:
                 f"delete it once the cloud answers ('openstack image delete {image_id}')")
 
 
+@dataclass
+class _Sent:
+    """What the data transfer produced: Glance's image, the local digests of what was sent."""
+
+    img: dict[str, Any]
+    digests: dict[str, str] | None
+    bytes_read: int
+    data_seconds: float
+
+
 def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions,
            progress: Progress | None = None, plan_: Plan | None = None) -> UploadResult:
     """Check, upload, verify; see the module documentation. Raises ImagekitError subclasses only
-    (and KeyboardInterrupt, after deleting the incomplete image)."""
+    (and KeyboardInterrupt — Ctrl-C, or SIGTERM/SIGHUP through ``imagekit.signals`` — after deleting
+    the incomplete image)."""
     p = plan_ or plan(path, options)
     t0 = time.monotonic()
-    cloud_info = c.describe()
-    lint = [f.to_dict() for f in p.lint]
-
     pre_digests: dict[str, str] | None = None
     if not options.force_upload and p.path is not None:
         reuse, pre_digests = _find_reusable(c, p, progress)
@@ -499,167 +362,122 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
             log.info("reusing image %s (same name, size and sha512)", reuse["id"])
             return UploadResult(image=summary(reuse), reused=True, method=p.import_method,
                                 disk_format=str(reuse.get("disk_format")), size=p.size,
-                                sha512=pre_digests["sha512"] if pre_digests else None,
-                                md5=reuse.get("checksum"),
+                                sha512=pre_digests["sha512"] if pre_digests else None, md5=reuse.get("checksum"),
                                 bytes_read=p.size or 0, seconds=round(time.monotonic() - t0, 3),
-                                throughput_mib_s=None, verified=True, cloud=cloud_info, lint=lint)
-
-    create_kwargs: dict[str, Any] = dict(p.properties)
-    create_kwargs.update(name=p.name, disk_format=p.disk_format, container_format=p.container_format,
-                         visibility=p.visibility, min_disk=p.min_disk, min_ram=p.min_ram, tags=p.tags)
-    create_kwargs[INCOMPLETE] = "true"
+                                throughput_mib_s=None, verified=True, cloud=c.describe(),
+                                lint=[f.to_dict() for f in p.lint])
     image_id: str | None = None
-    digests: dict[str, str] | None = None
-    bytes_read = 0
-    t_data = time.monotonic()
     try:
-        img = c.call("create the image record", lambda: image_dict(c.glance.images.create(**create_kwargs)))
+        img = c.call("create the image record", lambda: image_dict(c.glance.images.create(**_create_kwargs(p))))
         image_id = str(img["id"])
         log.info("created image %s (%s, %s)", image_id, p.name, p.disk_format)
-        if p.import_method in ("direct", "glance-direct"):
-            assert p.path is not None
-            t_data = time.monotonic()
-            with HashingReader(p.path, progress=progress) as reader:
-                if p.import_method == "direct":
-                    _put_data(c, f"/v2/images/{image_id}/file", reader, "upload the image data")
-                else:
-                    _put_data(c, f"/v2/images/{image_id}/stage", reader, "stage the image data")
-                digests = reader.digests()
-                bytes_read = reader.bytes_read
-                if bytes_read != reader.size:
-                    raise GlanceError(f"{p.path} changed while it was uploaded ({bytes_read} bytes read, "
-                                      f"{reader.size} expected)")
-            if p.import_method == "glance-direct":
-                c.call("start the glance-direct import",
-                       lambda: c.glance.images.image_import(image_id, method="glance-direct"))
-                img = _wait_import(c, image_id, options.import_timeout, progress)
-            else:
-                img = c.call("read the image back", lambda: image_dict(c.glance.images.get(image_id)))
+        if p.import_method == "web-download":
+            sent = _web_download(c, p, image_id, options, progress, pre_digests)
         else:
-            if p.path is not None:
-                from imagekit.artifact import hash_file
-
-                digests = pre_digests or hash_file(p.path, ("sha512",), progress=(
-                    (lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None))
-                bytes_read = p.size or 0
-            t_data = time.monotonic()
-            c.call("start the web-download import",
-                   lambda: c.glance.images.image_import(image_id, method="web-download", uri=p.url))
-            img = _wait_import(c, image_id, options.import_timeout, progress)
-        data_seconds = time.monotonic() - t_data
-        algo = str(img.get("os_hash_algo") or "")
-        if digests is not None and p.path is not None and algo and algo not in digests \
-                and algo in hashlib.algorithms_available:
-            from imagekit.artifact import hash_file
-
-            log.info("Glance hashes with %s: hashing the file again with it to verify", algo)
-            digests = {**digests, **hash_file(p.path, (algo,))}
-        problems = _verify(img, p.size, digests)
-        if problems:
-            raise VerifyError(f"Glance does not hold what was sent: {'; '.join(problems)}",
-                              "the data was altered in transit or by the server; the image was not kept")
-        final: dict[str, Any] = {}
-        if p.protected:
-            final["protected"] = True
-        img = c.call("finish the image", lambda: image_dict(
-            c.glance.images.update(image_id, remove_props=[INCOMPLETE], **final)))
+            sent = _send_file(c, p, image_id, options, progress)
+        img = _verify_and_finish(c, p, image_id, sent)
     except KeyboardInterrupt:
         if image_id is not None:
             log.warning("interrupted: %s", _discard(c, image_id))
         raise
-    except ImagekitError as exc:
-        if image_id is not None:
-            done = _discard(c, image_id)
-            cls = type(exc) if isinstance(exc, GlanceError) else GlanceError
-            raise cls(f"upload of {p.path or p.url} to cloud '{c.name}' failed: {exc.message}; {done}",
-                      exc.hint) from exc
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything else: still clean up, then a typed error
-        if image_id is not None:
-            done = _discard(c, image_id)
-            raise GlanceError(f"upload of {p.path or p.url} to cloud '{c.name}' failed: "
-                              f"{type(exc).__name__}: {exc}; {done}", "run again with --debug for details") from exc
-        raise
-
-    seconds = time.monotonic() - t0
-    size = p.size if p.size is not None else img.get("size")
-    thr = (size / data_seconds / (1 << 20)) if size and data_seconds > 0 else None
-    result = UploadResult(image=summary(img), reused=False, method=p.import_method, disk_format=p.disk_format,
-                          size=size, sha512=digests.get("sha512") if digests else img.get("os_hash_value"),
-                          md5=img.get("checksum"), bytes_read=bytes_read,
-                          seconds=round(seconds, 3), throughput_mib_s=round(thr, 1) if thr else None,
-                          verified=digests is not None, cloud=cloud_info, lint=lint)
+    except Exception as exc:
+        if image_id is None:
+            raise
+        raise _failed(c, p, image_id, exc) from exc
+    result = _result(c, p, img, sent, time.monotonic() - t0)
     if options.prune_keep is not None and p.prune_prefix:
         result.pruned = prune(c, p.prune_prefix, options.prune_keep, options.prune_action)
     return result
 
 
-# ---------------------------------------------------------------- listing and rotation
+def _create_kwargs(p: Plan) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(p.properties)
+    kwargs.update(name=p.name, disk_format=p.disk_format, container_format=p.container_format,
+                  visibility=p.visibility, min_disk=p.min_disk, min_ram=p.min_ram, tags=p.tags)
+    kwargs[INCOMPLETE] = "true"
+    return kwargs
 
 
-def list_images(c: Cloud, name_prefix: str | None = None, include_hidden: bool = True) -> list[dict[str, Any]]:
-    """Images of the cloud (hidden ones too), newest first, optionally only names starting with a prefix."""
-    def fetch() -> list[dict[str, Any]]:
-        imgs = [image_dict(i) for i in c.glance.images.list()]
-        if include_hidden:
-            seen = {i["id"] for i in imgs}
-            imgs += [image_dict(i) for i in c.glance.images.list(filters={"os_hidden": True})
-                     if i["id"] not in seen]
-        return imgs
-
-    imgs = c.call("list images", fetch)
-    if name_prefix:
-        imgs = [i for i in imgs if str(i.get("name") or "").startswith(name_prefix)]
-    imgs.sort(key=lambda i: (str(i.get("created_at") or ""), str(i.get("name") or "")), reverse=True)
-    return [summary(i) for i in imgs]
-
-
-def prune(c: Cloud, name_prefix: str, keep: int, action: PruneAction = "hide",
-          dry_run: bool = False) -> dict[str, Any]:
-    """Keep the ``keep`` newest unprotected images whose name starts with ``name_prefix``; act on the rest."""
-    if not name_prefix:
-        raise UsageError("prune needs a non-empty --name-prefix")
-    if keep < 0:
-        raise UsageError("--keep must be >= 0")
-    if action not in ("hide", "deactivate", "delete"):
-        raise UsageError(f"unknown prune action {action!r}")
-    images = list_images(c, name_prefix)
-    rows: list[dict[str, Any]] = []
-    kept = 0
-    for img in images:
-        row = {"id": img["id"], "name": img["name"], "created_at": img["created_at"], "status": img["status"],
-               "protected": bool(img.get("protected")), "os_hidden": bool(img.get("os_hidden"))}
-        if row["protected"]:
-            row.update(action="skip", reason="protected")
-        elif img.get("status") not in ("active", "deactivated"):
-            row.update(action="skip", reason=f"status {img.get('status')}")
-        elif kept < keep:
-            kept += 1
-            row.update(action="keep", reason=f"one of the {keep} newest")
-        elif action == "hide" and row["os_hidden"]:
-            row.update(action="skip", reason="already hidden")
-        elif action == "deactivate" and img.get("status") == "deactivated":
-            row.update(action="skip", reason="already deactivated")
+def _send_file(c: Cloud, p: Plan, image_id: str, options: UploadOptions, progress: Progress | None) -> _Sent:
+    """``direct`` (PUT /file) or ``glance-direct`` (PUT /stage, then import), hashing what is sent."""
+    assert p.path is not None
+    t_data = time.monotonic()
+    with HashingReader(p.path, progress=progress) as reader:
+        if p.import_method == "direct":
+            _put_data(c, f"/v2/images/{image_id}/file", reader, "upload the image data")
         else:
-            row.update(action=action, reason=f"older than the {keep} newest")
-        rows.append(row)
-    done = 0
-    if not dry_run:
-        for row in rows:
-            image_id = row["id"]
-            if row["action"] == "hide":
-                c.call(f"hide image {image_id}", lambda i=image_id: c.glance.images.update(i, os_hidden=True))
-            elif row["action"] == "deactivate":
-                c.call(f"deactivate image {image_id}", lambda i=image_id: c.glance.images.deactivate(i))
-            elif row["action"] == "delete":
-                c.call(f"delete image {image_id}", lambda i=image_id: c.glance.images.delete(i))
-            else:
-                continue
-            done += 1
-            log.info("%s image %s (%s)", row["action"], image_id, row["name"])
-    return {"name_prefix": name_prefix, "keep": keep, "action": action, "dry_run": dry_run,
-            "changed": done, "images": rows}
+            _put_data(c, f"/v2/images/{image_id}/stage", reader, "stage the image data")
+        digests = reader.digests()
+        bytes_read = reader.bytes_read
+        if bytes_read != reader.size:
+            raise GlanceError(f"{p.path} changed while it was uploaded ({bytes_read} bytes read, "
+                              f"{reader.size} expected)")
+    if p.import_method == "glance-direct":
+        c.call("start the glance-direct import",
+               lambda: c.glance.images.image_import(image_id, method="glance-direct"))
+        img = _wait_import(c, image_id, options.import_timeout, progress)
+    else:
+        img = c.call("read the image back", lambda: image_dict(c.glance.images.get(image_id)))
+    return _Sent(img, digests, bytes_read, time.monotonic() - t_data)
 
 
-__all__ = ["CloudError", "GlanceError", "HashingReader", "Plan", "UploadOptions", "UploadResult", "VerifyError",
-           "list_images", "plan", "prune", "upload"]
+def _web_download(c: Cloud, p: Plan, image_id: str, options: UploadOptions, progress: Progress | None,
+                  pre_digests: dict[str, str] | None) -> _Sent:
+    """``web-download``: Glance fetches the URL; the local copy, when given, is hashed to verify it."""
+    digests: dict[str, str] | None = None
+    bytes_read = 0
+    if p.path is not None:
+        from imagekit.artifact import hash_file
+
+        digests = pre_digests or hash_file(p.path, ("sha512",), progress=(
+            (lambda d, t: progress("hash", d / t if t else 1.0)) if progress else None))
+        bytes_read = p.size or 0
+    t_data = time.monotonic()
+    c.call("start the web-download import",
+           lambda: c.glance.images.image_import(image_id, method="web-download", uri=p.url))
+    img = _wait_import(c, image_id, options.import_timeout, progress)
+    return _Sent(img, digests, bytes_read, time.monotonic() - t_data)
+
+
+def _verify_and_finish(c: Cloud, p: Plan, image_id: str, sent: _Sent) -> dict[str, Any]:
+    """Compare Glance's size and hash with the local ones; then drop the incomplete mark (and protect)."""
+    algo = str(sent.img.get("os_hash_algo") or "")
+    if sent.digests is not None and p.path is not None and algo and algo not in sent.digests \
+            and algo in hashlib.algorithms_available:
+        from imagekit.artifact import hash_file
+
+        log.info("Glance hashes with %s: hashing the file again with it to verify", algo)
+        sent.digests = {**sent.digests, **hash_file(p.path, (algo,))}
+    problems = _verify(sent.img, p.size, sent.digests)
+    if problems:
+        raise VerifyError(f"Glance does not hold what was sent: {'; '.join(problems)}",
+                          "the data was altered in transit or by the server; the image was not kept")
+    final: dict[str, Any] = {"protected": True} if p.protected else {}
+    return c.call("finish the image", lambda: image_dict(
+        c.glance.images.update(image_id, remove_props=[INCOMPLETE], **final)))
+
+
+def _failed(c: Cloud, p: Plan, image_id: str, exc: Exception) -> GlanceError:
+    """The error to raise after a failed upload, once the incomplete image is deleted (or marked)."""
+    done = _discard(c, image_id)
+    what = f"upload of {p.path or p.url} to cloud '{c.name}' failed"
+    if isinstance(exc, ImagekitError):
+        cls = type(exc) if isinstance(exc, GlanceError) else GlanceError
+        return cls(f"{what}: {exc.message}; {done}", exc.hint)
+    return GlanceError(f"{what}: {type(exc).__name__}: {exc}; {done}", "run again with --debug for details")
+
+
+def _result(c: Cloud, p: Plan, img: dict[str, Any], sent: _Sent, seconds: float) -> UploadResult:
+    size = p.size if p.size is not None else img.get("size")
+    thr = (size / sent.data_seconds / (1 << 20)) if size and sent.data_seconds > 0 else None
+    digests = sent.digests
+    return UploadResult(image=summary(img), reused=False, method=p.import_method, disk_format=p.disk_format,
+                        size=size, sha512=digests.get("sha512") if digests else img.get("os_hash_value"),
+                        md5=img.get("checksum"), bytes_read=sent.bytes_read, seconds=round(seconds, 3),
+                        throughput_mib_s=round(thr, 1) if thr else None, verified=digests is not None,
+                        cloud=c.describe(), lint=[f.to_dict() for f in p.lint])
+
+
+__all__ = ["CHUNK", "IMAGE_FIELDS", "SEND_CHUNK", "CloudError", "GlanceError", "HashingReader", "Plan", "Progress",
+           "PruneAction", "UploadOptions", "UploadResult", "VerifyError", "image_dict", "list_images", "plan", "prune",
+           "summary", "upload"]

@@ -13,11 +13,12 @@ request must carry the identity headers (``X-Identity-Status: Confirmed``, a
 project, a user, roles) that ``imagekit.cloud`` sends for the clouds.yaml entry
 written here (cloud ``imagekit-local``, ``auth_type: none``).
 
-The server is the one long-running program imagekit starts: it is started with
-``subprocess.Popen`` (``imagekit.run.run`` waits for its program to finish), in
-its own process session so a Ctrl-C in the terminal does not reach it, and it is
-stopped with SIGTERM to its own PID (checked against ``/proc/PID/cmdline`` so a
-recycled PID is never signalled).
+The server outlives the command that starts it: it is a detached
+``imagekit.process.Process`` (its own process session, so a Ctrl-C in the terminal
+does not reach it; PID in ``HOME/server.pid``), and it is stopped with SIGTERM to
+its own PID (gunicorn ends its workers), SIGKILL to its group if it does not stop,
+each only after ``/proc/PID/cmdline`` showed it is still the gunicorn serving HOME
+(a recycled PID is never signalled).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import datetime as _dt
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -42,6 +41,7 @@ import yaml
 
 from imagekit import paths
 from imagekit.errors import ImagekitError
+from imagekit.process import Process, cmdline_has
 from imagekit.run import run
 
 CLOUD_NAME = "imagekit-local"
@@ -246,25 +246,31 @@ def _read_state(home: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _identity(home: Path) -> str:
+    """What the server's command line carries (gunicorn's ``--name``): how a PID is recognised as ours."""
+    return f"imagekit-glance:{home}"
+
+
+def _pid_file(home: Path) -> Path:
+    return home / "server.pid"
+
+
 def _is_ours(pid: int, home: Path) -> bool:
     """PID is alive and is the gunicorn that serves HOME (not a recycled PID)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            _reap(pid)
-            return False
-    except (OSError, IndexError):
-        pass
-    return b"gunicorn" in raw and f"imagekit-glance:{home}".encode() in raw
+    return cmdline_has(pid, _identity(home)) and cmdline_has(pid, "gunicorn")
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def _attach(home: Path, timeout: float = STOP_TIMEOUT) -> Process | None:
+    """The running server of HOME (from its PID file, else the PID in server.json), or None."""
+    pf = _pid_file(home)
+    if not pf.exists():
+        st = _read_state(home)
+        pid = int(st.get("pid", 0)) if st else 0
+        if pid <= 0:
+            return None
+        pf.write_text(f"{pid}\n", encoding="utf-8")
+    proc = Process.attach(pf, _identity(home), log_path=home / "server.log", term_group=False, stop_timeout=timeout)
+    return proc if proc is not None and _is_ours(proc.pid or 0, home) else None
 
 
 def _answers(endpoint: str, timeout: float = 2.0) -> bool:
@@ -275,14 +281,6 @@ def _answers(endpoint: str, timeout: float = 2.0) -> bool:
         return exc.code < 500
     except (OSError, ValueError):
         return False
-
-
-def _log_tail(log: Path, lines: int = 25) -> str:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------- clouds.yaml
@@ -324,6 +322,20 @@ def write_clouds_yaml(path: Path, endpoint: str, cloud: str = CLOUD_NAME) -> Pat
 # ---------------------------------------------------------------- serve / stop / status
 
 
+def _wait_answers(proc: Process, endpoint: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise GlanceServerError(f"the local Glance exited with status {proc.returncode} while starting:\n"
+                                    f"{proc.log_tail()}", f"full log: {log}")
+        if _answers(endpoint, timeout=1.0):
+            return
+        if time.monotonic() > deadline:
+            raise GlanceServerError(f"the local Glance did not answer within {timeout:g} s:\n{proc.log_tail()}",
+                                    f"full log: {log}")
+        time.sleep(0.1)
+
+
 def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
           home: str | os.PathLike[str] | None = None, clouds_yaml: str | os.PathLike[str] | None = None,
           write_clouds: bool = True, cloud: str = CLOUD_NAME, timeout: float = START_TIMEOUT,
@@ -353,30 +365,21 @@ def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = Non
     _db_sync(conf, data)
     log = home_p / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
-    env = dict(os.environ)
-    env["OS_GLANCE_CONFIG_DIR"] = str(conf.parent)
     argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
             "--threads", "4", "--timeout", "600", "--graceful-timeout", "5",
-            "--name", f"imagekit-glance:{home_p}", "glance.wsgi.api:application"]
-    with open(log, "ab") as logf:
-        # Long-running server: not imagekit.run.run (which waits for its program).
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=env, cwd=str(home_p), start_new_session=True)
+            "--name", _identity(home_p), "glance.wsgi.api:application"]
+    proc = Process(argv, log_path=log, env={"OS_GLANCE_CONFIG_DIR": str(conf.parent)}, cwd=home_p, detached=True,
+                   pid_file=_pid_file(home_p), identity=_identity(home_p), term_group=False,
+                   stop_timeout=STOP_TIMEOUT).start()
     started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise GlanceServerError(f"the local Glance exited with status {proc.returncode} while starting:\n"
-                                    f"{_log_tail(log)}", f"full log: {log}")
-        if _answers(endpoint, timeout=1.0):
-            break
-        if time.monotonic() > deadline:
-            _terminate(proc.pid, home_p)
-            raise GlanceServerError(f"the local Glance did not answer within {timeout:g} s:\n{_log_tail(log)}",
-                                    f"full log: {log}")
-        time.sleep(0.1)
+    try:
+        _wait_answers(proc, endpoint, timeout, log)
+    except BaseException:
+        proc.stop()
+        raise
     elapsed = round(time.monotonic() - t0, 2)
     clouds_path = Path(clouds_yaml) if clouds_yaml is not None else default_clouds_yaml()
+    assert proc.pid is not None
     info = ServerInfo(pid=proc.pid, port=port, endpoint=endpoint, home=str(home_p), data_dir=str(data),
                       log=str(log), started_at=started_at, start_seconds=elapsed, cloud=cloud,
                       clouds_yaml=str(clouds_path) if write_clouds else None)
@@ -400,28 +403,6 @@ def status(home: str | os.PathLike[str] | None = None) -> ServerInfo | None:
     return info
 
 
-def _terminate(pid: int, home: Path, timeout: float = STOP_TIMEOUT) -> bool:
-    """SIGTERM to PID, wait; SIGKILL to its own process group if it does not stop. True if it was running."""
-    if not _is_ours(pid, home):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not _is_ours(pid, home):
-            return True
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)  # its own session (start_new_session): only its workers
-    for _ in range(50):
-        _reap(pid)
-        if not _is_ours(pid, home):
-            break
-        time.sleep(0.1)
-    return True
-
-
 def stop(home: str | os.PathLike[str] | None = None, timeout: float = STOP_TIMEOUT) -> dict[str, Any]:
     """Stop the local Glance of HOME. Returns what was done; not running is not an error."""
     home_p = (Path(home) if home is not None else default_home()).resolve()
@@ -429,25 +410,17 @@ def stop(home: str | os.PathLike[str] | None = None, timeout: float = STOP_TIMEO
     if st is None:
         return {"stopped": False, "reason": "no local Glance was started here", "home": str(home_p)}
     pid = int(st.get("pid", 0))
-    was = pid > 0 and _terminate(pid, home_p, timeout)
-    with contextlib.suppress(OSError):
-        _state_file(home_p).unlink()
+    proc = _attach(home_p, timeout)
+    was = proc is not None and proc.stop()
+    for f in (_state_file(home_p), _pid_file(home_p)):
+        with contextlib.suppress(OSError):
+            f.unlink()
     return {"stopped": was, "pid": pid, "home": str(home_p),
             "reason": None if was else "it was not running any more"}
 
 
 def kill(home: str | os.PathLike[str]) -> None:
     """SIGKILL the server of HOME and its workers at once (tests: a server that dies mid-upload)."""
-    home_p = Path(home).resolve()
-    st = _read_state(home_p)
-    if st is None:
-        return
-    pid = int(st.get("pid", 0))
-    if pid > 0 and _is_ours(pid, home_p):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        for _ in range(50):
-            _reap(pid)
-            if not _is_ours(pid, home_p):
-                break
-            time.sleep(0.1)
+    proc = _attach(Path(home).resolve())
+    if proc is not None:
+        proc.kill()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from imagekit import glance
+from imagekit import recipe as rec
 from imagekit.cloud import Cloud
 from imagekit.errors import UnsafeImageError
 from tests.conftest import ROOT
@@ -63,7 +64,7 @@ def test_qcow2_named_raw_uploads_as_qcow2(glance_cloud: Cloud, tmp_path: Path) -
     name = uniq("qcow2")
     seen: list[float] = []
     res = glance.upload(glance_cloud, img, glance.UploadOptions(
-        name=name, recipe="debian-12", tags=["t1", "t2"], properties={"hw_vif_model": "e1000"}),
+        name=name, recipe=rec.load("debian-12"), tags=["t1", "t2"], properties={"hw_vif_model": "e1000"}),
         progress=lambda phase, frac: seen.append(frac))
     sha512, md5 = digests(img)
     assert not res.reused and res.verified

@@ -5,20 +5,20 @@ The recipe's elements and environment, the project's ``elements/`` on
 format). The build log is streamed to a file and to a phase callback. On a
 kernel without device-mapper, partition mapping goes through
 ``imagekit.builders.partloop`` (see there). Whatever happens (failure, Ctrl-C,
-timeout), mounts under the build's own temporary directory and loop devices on
-its files are removed before returning.
+timeout, SIGTERM/SIGHUP), the build runs in an ``imagekit.workdir.WorkDir``: its
+processes carry the folder's tag, and before returning they are ended, mounts
+under the folder unmounted, loop devices on its files detached and the folder
+removed. After a SIGKILL the next ``imagekit build`` does the same
+(``workdir.reap_stale``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from imagekit import run as runner
 from imagekit.builders import partloop
 from imagekit.errors import ImagekitError, ToolFailed, ToolNotFound
 from imagekit.recipe import DibBuild, Recipe
+from imagekit.workdir import WorkDir, work_root
 
 log = logging.getLogger("imagekit.dib")
 
@@ -101,40 +102,6 @@ def _shim_dir(work: Path) -> Path:
     return d
 
 
-def cleanup_host(work: Path) -> dict[str, list[str]]:
-    """Unmount everything under ``work`` and detach loop devices on files under it."""
-    prefix = str(work.resolve())
-    done: dict[str, list[str]] = {"unmounted": [], "loops": [], "maps": []}
-    done["maps"] = partloop.remove_all(image_prefix=prefix)
-    for _ in range(3):
-        mounts = []
-        with open("/proc/mounts") as f:
-            for line in f:
-                mnt = line.split()[1].encode().decode("unicode_escape")
-                if mnt == prefix or mnt.startswith(prefix + "/"):
-                    mounts.append(mnt)
-        if not mounts:
-            break
-        for mnt in sorted(mounts, key=len, reverse=True):
-            r = subprocess.run(["umount", mnt], capture_output=True, timeout=60)
-            if r.returncode != 0:
-                subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=60)
-            done["unmounted"].append(mnt)
-    try:
-        out = subprocess.run(["losetup", "-J", "-l"], capture_output=True, text=True, timeout=30).stdout
-        devices = json.loads(out).get("loopdevices", []) if out.strip() else []
-    except (OSError, ValueError, subprocess.SubprocessError):
-        devices = []
-    for dev in devices:
-        back = str(dev.get("back-file") or "")
-        if back.startswith(prefix):
-            subprocess.run(["losetup", "-d", dev["name"]], capture_output=True, timeout=60)
-            done["loops"].append(dev["name"])
-    if any(done.values()):
-        log.info("cleaned up after diskimage-builder: %s", done)
-    return done
-
-
 def build(recipe: Recipe, out: Path, *, workdir: Path | None = None, log_path: Path | None = None,
           phase: Callable[[str], None] | None = None, timeout: float = 3 * 3600,
           extra_elements: list[Path] | None = None) -> DibResult:
@@ -150,9 +117,8 @@ def build(recipe: Recipe, out: Path, *, workdir: Path | None = None, log_path: P
                        "run the build as root (loop devices are attached at partition offsets)")
     if not use_partloop or os.geteuid() != 0:
         runner.which("sudo", "install the 'sudo' package: diskimage-builder calls sudo even as root")
-    base_work = workdir or paths.cache_dir() / "work"
-    base_work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="dib-", dir=base_work))
+    wd = WorkDir("dib-", base=workdir or work_root())
+    work = wd.path
     log_path = log_path or out.with_suffix(".dib.log")
     tmp_out = work / "image"
     env = {k: v for k, v in spec.env.items()}
@@ -160,6 +126,7 @@ def build(recipe: Recipe, out: Path, *, workdir: Path | None = None, log_path: P
     env["TMP_DIR"] = str(work)
     env["DIB_SHOW_IMAGE_USAGE"] = "0"
     env["IMAGEKIT_RECIPE"] = recipe.name
+    env.update(wd.env())  # every process of the build carries it: found and ended even after a SIGKILL
     env.setdefault("DIB_IMAGE_CACHE", str(Path.home() / ".cache" / "image-create"))
     path_dirs = [str(Path(sys.executable).parent)]
     if use_partloop:
@@ -200,8 +167,9 @@ def build(recipe: Recipe, out: Path, *, workdir: Path | None = None, log_path: P
             raise DibError(f"diskimage-builder failed (exit {exc.returncode}):\n{tail}",
                            f"the whole log is in {log_path}") from exc
         finally:
-            cleanup_host(work)
-            shutil.rmtree(work, ignore_errors=True)
+            report = wd.cleanup()
+            if report.problems:
+                log.warning("clean-up after diskimage-builder: %s", report.summary())
             if not ok:
                 Path(out.with_name(f".{out.name}.part")).unlink(missing_ok=True)
     versions = {"diskimage-builder": _dib_version()}

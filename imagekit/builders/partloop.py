@@ -26,8 +26,8 @@ STATE_ENV = "IMAGEKIT_PARTLOOP_STATE"
 MAPPER = Path(os.environ.get("IMAGEKIT_PARTLOOP_MAPPER", "/dev/mapper"))
 
 
-def _state_dir() -> Path:
-    d = Path(os.environ.get(STATE_ENV) or "/run/imagekit-partloop")
+def _state_dir(override: Path | None = None) -> Path:
+    d = override or Path(os.environ.get(STATE_ENV) or "/run/imagekit-partloop")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -86,8 +86,8 @@ def add(dev: str, verbose: bool) -> None:
             print(f"add map {name} ({loop}): 0 {size // 512} linear {dev} {offset // 512}")
 
 
-def remove(name: str, quiet: bool = False) -> bool:
-    rec_path = _state_dir() / f"{name}.json"
+def remove(name: str, quiet: bool = False, state_dir: Path | None = None) -> bool:
+    rec_path = _state_dir(state_dir) / f"{name}.json"
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
@@ -108,17 +108,22 @@ def delete_for(dev: str) -> None:
         remove(rec_path.stem, quiet=True)
 
 
-def remove_all(image_prefix: str | None = None) -> list[str]:
-    """Undo every recorded mapping (optionally only those on images under ``image_prefix``)."""
+def remove_all(image_prefix: str | None = None, state_dir: Path | None = None) -> list[str]:
+    """Undo every recorded mapping (optionally only those on images under ``image_prefix``).
+
+    ``state_dir``: the state directory of another process (a build's work folder), instead of
+    ``IMAGEKIT_PARTLOOP_STATE``."""
+    if state_dir is not None and not state_dir.is_dir():
+        return []
     removed = []
-    for rec_path in sorted(_state_dir().glob("*.json")):
+    for rec_path in sorted(_state_dir(state_dir).glob("*.json")):
         try:
             rec = json.loads(rec_path.read_text())
         except (OSError, ValueError):
             continue
         if image_prefix and not str(rec.get("image", "")).startswith(image_prefix):
             continue
-        if remove(rec_path.stem, quiet=True):
+        if remove(rec_path.stem, quiet=True, state_dir=state_dir):
             removed.append(rec_path.stem)
     return removed
 

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import click
 
+from imagekit import signals
 from imagekit.cli import build as _build  # noqa: F401 - registers the commands
 from imagekit.cli import doctor as _doctor  # noqa: F401
 from imagekit.cli import glance as _glance  # noqa: F401
@@ -28,7 +29,6 @@ from imagekit.cli import publish as _publish  # noqa: F401
 from imagekit.cli import recipes as _recipes  # noqa: F401
 from imagekit.cli.output import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     State,
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     st = State()
     debug = "--debug" in args
+    signals.install()
     try:
         cli.main(args=args, prog_name="imagekit", standalone_mode=False, obj=st)
     except ImagekitError as exc:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         err_console.print("interrupted", markup=False)
-        code = getattr(exc, "exit_code", EXIT_INTERRUPTED)
+        code = signals.exit_code_of(exc)
         _fail(st, st.json or "--json" in args, "interrupted", "interrupted", None, code)
     except click.ClickException as exc:
         exc.show()

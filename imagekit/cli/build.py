@@ -7,6 +7,7 @@ import click
 from imagekit.cli.output import (
     StatusLine,
     emit,
+    err_console,
     human_bytes,
     json_option,
     out_console,
@@ -27,9 +28,11 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
     """Build RECIPE: build -> customise -> convert -> check -> (upload); writes IMAGE and IMAGE.manifest.json."""
     from pathlib import Path
 
-    from imagekit import pipeline
+    from imagekit import pipeline, workdir
     from imagekit import recipe as rec
 
+    for reaped in workdir.reap_stale():
+        err_console.print(f"removed a stale work folder: {reaped.summary()}", markup=False, highlight=False)
     r = rec.load(recipe_ref)
     if upload and not cloud:
         raise UsageError("--upload needs --cloud NAME (or OS_CLOUD)",

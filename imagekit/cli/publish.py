@@ -54,10 +54,11 @@ def upload(image: str | None, cloud: str | None, name: str | None, recipe: str |
     leaves no usable image behind.
     """
     from imagekit import glance, properties
+    from imagekit import recipe as rec
     from imagekit.cloud import connect
 
     opts = glance.UploadOptions(
-        name=name, recipe=recipe, properties=properties.parse_assignments(props), visibility=visibility,
+        name=name, recipe=rec.load(recipe) if recipe else None, properties=properties.parse_assignments(props), visibility=visibility,
         tags=list(tags), protected=protected, min_ram=min_ram, import_method=import_method,  # type: ignore[arg-type]
         url=url, disk_format=disk_format, force_upload=force_upload, prune_keep=prune_keep,
         prune_action=prune_action, prune_prefix=prune_prefix,  # type: ignore[arg-type]
