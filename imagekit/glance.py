@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from imagekit import properties as props_mod
 from imagekit.cloud import Cloud, CloudError, translate
 from imagekit.errors import ImagekitError, UnsafeImageError, UsageError
+from imagekit.formats import registry
 from imagekit.glance_images import IMAGE_FIELDS, PruneAction, image_dict, list_images, prune, summary
 from imagekit.glance_stream import CHUNK, SEND_CHUNK, HashingReader, Progress
 
@@ -58,8 +59,6 @@ ImportMethod = Literal["direct", "glance-direct", "web-download"]
 GiB = 1 << 30
 INCOMPLETE = "imagekit_incomplete"
 # imagekit format name (check()/detect()) -> Glance disk_format
-DISK_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vhd": "vhd", "vpc": "vhd", "vhdx": "vhdx", "vmdk": "vmdk",
-                "vdi": "vdi", "iso": "iso"}
 IMPORT_TIMEOUT = 1800.0
 
 
@@ -160,20 +159,19 @@ def plan(path: str | os.PathLike[str] | None, options: UploadOptions, *, lint_on
             raise UnsafeImageError(
                 f"{spath} is unsafe, not uploaded: {', '.join(c for c in v.codes() if c)}",
                 "nothing was sent to Glance; 'imagekit check --json' lists every finding", v)
-        disk_format = DISK_FORMATS.get(str(v.format))
+        disk_format = registry.glance_disk_format(str(v.format))
         if disk_format is None:
             raise UsageError(f"{spath}: detected format {v.format!r} cannot be uploaded to Glance")
-        if options.disk_format and DISK_FORMATS.get(options.disk_format, options.disk_format) != disk_format:
+        if options.disk_format and (registry.glance_disk_format(options.disk_format) or options.disk_format) != disk_format:
             raise UsageError(f"--disk-format {options.disk_format} but {spath} is {disk_format} (detected)",
                              "the detected format is used; drop --disk-format")
         size = Path(spath).stat().st_size
-        vs = v.details.get("virtual_size")
-        vsize = int(vs) if isinstance(vs, int) else None
+        vsize = v.virtual_size
     elif options.disk_format:
-        disk_format = DISK_FORMATS.get(options.disk_format)
+        disk_format = registry.glance_disk_format(options.disk_format)
         if disk_format is None:
             raise UsageError(f"unknown --disk-format {options.disk_format!r}",
-                             f"one of: {', '.join(sorted(set(DISK_FORMATS.values())))}")
+                             f"one of: {', '.join(registry.glance_names())}")
     elif not lint_only:
         raise UsageError("web-download without a local file needs --disk-format",
                          "or give the local copy of the image: it is checked first and its hash verified")

@@ -83,8 +83,7 @@ def boot_cmd(image: str, wait_for: str, timeout: float, memory: int, console_log
                                "run 'imagekit check' for details")
     with StatusLine() as status:
         status("boot", f"booting {image} (waiting for {wait_for}, at most {timeout:g} s)")
-        det = v.details.get("detection")
-        fmt = det.get("qemu_format") if isinstance(det, dict) else None
+        fmt = v.detection.qemu_format if v.detection else None
         res = bootmod.boot(image, str(fmt or v.format), timeout=timeout, memory_mib=memory, wait_for=wait_for,
                            console_log=Path(console_log) if console_log else None)
 

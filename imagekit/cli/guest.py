@@ -16,6 +16,7 @@ from imagekit.cli.output import (
 )
 from imagekit.cli.root import cli
 from imagekit.errors import RecipeError, UsageError
+from imagekit.formats import registry
 
 
 def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
@@ -62,7 +63,7 @@ def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
               help="A step, e.g. '{op: hostname, hostname: web01}' (repeatable, applied after the recipe's).")
 @click.option("--in-place", is_flag=True, help="Change IMAGE itself (default: IMAGE is never touched).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the customised image here.")
-@click.option("-O", "--out-format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
+@click.option("-O", "--out-format", type=click.Choice(registry.customisable_names()), default="qcow2", show_default=True)
 @click.option("--no-network", is_flag=True, help="No network for the guest (package installs are refused).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option

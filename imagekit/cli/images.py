@@ -14,6 +14,7 @@ from imagekit.cli.output import (
     size_option,
 )
 from imagekit.cli.root import cli
+from imagekit.formats import registry
 
 
 @cli.command()
@@ -94,7 +95,7 @@ def check_cmd(image: str, declared: str | None, max_virtual_size: str | None, sh
 @cli.command()
 @click.argument("source", metavar="INPUT", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), help="Output file (default: next to INPUT, new extension).")
-@click.option("-O", "--out-format", type=click.Choice(["qcow2", "raw", "vmdk", "vhdx", "vpc"]), default="qcow2",
+@click.option("-O", "--out-format", type=click.Choice(registry.output_names()), default="qcow2",
               show_default=True)
 @click.option("--compat", type=click.Choice(["0.10", "1.1"]), default="1.1", show_default=True, help="qcow2 version.")
 @click.option("--cluster-size", metavar="SIZE", help="qcow2 cluster size (e.g. 64K, 2M).")
