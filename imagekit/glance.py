@@ -244,8 +244,8 @@ class Plan:
 
 
 def _load_recipe(ref: str | None) -> Recipe | None:
-    if ref is None:
-        return None
+    if ref is None or not isinstance(ref, str):
+        return ref
     from imagekit import recipe as rec
 
     return rec.load(ref)

@@ -143,7 +143,7 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
 
 def profile(recipe: Recipe) -> dict[str, str]:
     """Properties that follow from the recipe's ``os`` (and Windows firmware) alone."""
-    from imagekit.recipe import WindowsBuild
+    from imagekit.builders.windows import WindowsBuild
 
     os_ = recipe.os
     distro = DISTRO_NAMES.get(os_.distro.lower(), os_.distro.lower())
