@@ -222,3 +222,25 @@ def test_windows_method_is_not_implemented_yet(tmp_path: Path, monkeypatch: pyte
         pipeline.build(rec.load("windows-server-2022"), tmp_path / "out", options())
     assert err.value.code == "build-method-not-implemented"
     assert cache.entries() == []
+
+
+def test_dib_builder_rolls_back_its_work_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped dib builder: when diskimage-builder fails, the build's own work folder and the
+    partial image are removed (diskimage-builder itself is stubbed: this is about the wiring)."""
+    from imagekit.builders import dib
+
+    monkeypatch.setenv("IMAGEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    seen: list[Path] = []
+
+    def failing_build(recipe: Any, out: Path, *, workdir: Path, **_kw: Any) -> Any:
+        seen.append(workdir)
+        (workdir / "dib-x").mkdir()
+        out.write_bytes(b"partial")
+        raise dib.DibError("disk-image-create failed")
+
+    monkeypatch.setattr(dib, "build", failing_build)
+    out = tmp_path / "artifact"
+    with pytest.raises(dib.DibError):
+        run_builder(builders.get("dib"), rec.load("debian-12"), out, BuildContext(accel=TCG, tools=ToolVersions("t")))
+    assert seen and not seen[0].exists() and not out.exists()
+    assert seen[0].parent == tmp_path / "cache" / "work"
