@@ -28,7 +28,7 @@ from typing import Any
 
 from imagekit import paths
 from imagekit.errors import ImagekitError
-from imagekit.recipe import Source
+from imagekit.specs import Source
 
 log = logging.getLogger("imagekit.download")
 

@@ -20,7 +20,7 @@ plus imagekit's provenance (``imagekit_version``, ``imagekit_recipe``,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -143,7 +143,7 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
 
 def profile(recipe: Recipe) -> dict[str, str]:
     """Properties that follow from the recipe's ``os`` (and Windows firmware) alone."""
-    from imagekit.recipe import WindowsBuild
+    from imagekit.builders.windows import WindowsBuild
 
     os_ = recipe.os
     distro = DISTRO_NAMES.get(os_.distro.lower(), os_.distro.lower())
@@ -194,96 +194,131 @@ def build(recipe: Recipe | None = None, overrides: Mapping[str, str] | None = No
 # ---------------------------------------------------------------- linter
 
 
-def lint(props: Mapping[str, str], recipe: Recipe | None = None) -> list[Finding]:
-    """Every inconsistency in ``props`` (and against ``recipe``), errors first."""
-    out: list[Finding] = []
+class _Props:
+    """The property set as the rules read it: values stripped, None when absent."""
 
-    def add(code: str, sev: Severity, prop: str, msg: str) -> None:
-        out.append(Finding(code, sev, prop, msg))
+    def __init__(self, props: Mapping[str, str], recipe: Recipe | None) -> None:
+        self.items = props
+        self.recipe = recipe
 
-    def val(key: str) -> str | None:
-        v = props.get(key)
+    def __getitem__(self, key: str) -> str | None:
+        v = self.items.get(key)
         return None if v is None else str(v).strip()
 
-    for key, value in props.items():
+    def machine_is_q35(self) -> bool:
+        machine = self["hw_machine_type"]
+        return machine is not None and (machine == "q35" or machine.startswith("pc-q35"))
+
+
+Rule = Callable[[_Props], Iterator[Finding]]
+
+
+def _names(p: _Props) -> Iterator[Finding]:
+    """P011 / P012: reserved and malformed names, values too long."""
+    for key, value in p.items.items():
         if key in IMAGEKIT_KEYS:
             continue
         if key in RESERVED or key.startswith(RESERVED_PREFIXES):
-            add("P011", "error", key, "Glance sets this itself; it cannot be given as a property"
-                + (" (use the upload options instead)" if key in ("visibility", "protected", "min_ram", "min_disk",
-                                                                    "tags", "name", "disk_format") else ""))
+            yield Finding("P011", "error", key, "Glance sets this itself; it cannot be given as a property"
+                          + (" (use the upload options instead)" if key in _UPLOAD_OPTIONS else ""))
         elif not KEY_RE.match(key):
-            add("P012", "error", key, "invalid property name (letters, digits, '_', ':', '.', '-'; at most 255)")
+            yield Finding("P012", "error", key,
+                          "invalid property name (letters, digits, '_', ':', '.', '-'; at most 255)")
         if len(str(value)) > 255:
-            add("P012", "error", key, f"value is {len(str(value))} characters long (at most 255)")
+            yield Finding("P012", "error", key, f"value is {len(str(value))} characters long (at most 255)")
 
-    # P005 / P007: enumerations
+
+_UPLOAD_OPTIONS = ("visibility", "protected", "min_ram", "min_disk", "tags", "name", "disk_format")
+
+
+def _enums(p: _Props) -> Iterator[Finding]:
+    """P005 / P007: enumerations."""
     for key, allowed in ENUMS.items():
-        v = val(key)
-        if v is None:
+        v = p[key]
+        if v is None or v in allowed:
             continue
-        if v not in allowed:
-            if key in ("hw_qemu_guest_agent", "os_require_quiesce"):
-                add("P007", "error", key, f"'{v}' is not 'yes' or 'no'")
-            else:
-                add("P005", "error", key, f"unknown value '{v}' (expected one of: {', '.join(sorted(allowed))})")
+        if key in ("hw_qemu_guest_agent", "os_require_quiesce"):
+            yield Finding("P007", "error", key, f"'{v}' is not 'yes' or 'no'")
+        else:
+            yield Finding("P005", "error", key, f"unknown value '{v}' (expected one of: {', '.join(sorted(allowed))})")
 
-    arch = val("architecture")
-    machine = val("hw_machine_type")
-    firmware = val("hw_firmware_type")
-    secure = val("os_secure_boot")
-    if machine is not None:
-        if arch in (None, "x86_64", "i686") and not X86_MACHINE_RE.match(machine):
-            add("P010", "error", "hw_machine_type",
-                f"'{machine}' is not an x86 machine type (pc, q35, pc-q35-*, pc-i440fx-*)")
-        elif arch == "aarch64" and not ARM_MACHINE_RE.match(machine):
-            add("P010", "error", "hw_machine_type", f"'{machine}' is not an aarch64 machine type (virt, virt-*)")
 
-    # P001 / P002: secure boot
-    if secure in ("required", "optional"):
-        if firmware != "uefi":
-            add("P001", "error", "os_secure_boot",
-                f"os_secure_boot={secure} needs hw_firmware_type=uefi (it is {firmware or 'unset'})")
-        if arch in (None, "x86_64") and not (machine and (machine == "q35" or machine.startswith("pc-q35"))):
-            add("P002", "error", "os_secure_boot",
-                f"os_secure_boot={secure} needs hw_machine_type=q35 (it is {machine or 'unset'})")
+def _machine(p: _Props) -> Iterator[Finding]:
+    """P010: the machine type exists for the architecture."""
+    arch, machine = p["architecture"], p["hw_machine_type"]
+    if machine is None:
+        return
+    if arch in (None, "x86_64", "i686") and not X86_MACHINE_RE.match(machine):
+        yield Finding("P010", "error", "hw_machine_type",
+                      f"'{machine}' is not an x86 machine type (pc, q35, pc-q35-*, pc-i440fx-*)")
+    elif arch == "aarch64" and not ARM_MACHINE_RE.match(machine):
+        yield Finding("P010", "error", "hw_machine_type", f"'{machine}' is not an aarch64 machine type (virt, virt-*)")
 
-    # P003 / P013: SCSI
-    bus = val("hw_disk_bus")
-    scsi_model = val("hw_scsi_model")
+
+def _secure_boot(p: _Props) -> Iterator[Finding]:
+    """P001 / P002: secure boot needs UEFI, and q35 on x86_64."""
+    secure, firmware = p["os_secure_boot"], p["hw_firmware_type"]
+    if secure not in ("required", "optional"):
+        return
+    if firmware != "uefi":
+        yield Finding("P001", "error", "os_secure_boot",
+                      f"os_secure_boot={secure} needs hw_firmware_type=uefi (it is {firmware or 'unset'})")
+    if p["architecture"] in (None, "x86_64") and not p.machine_is_q35():
+        yield Finding("P002", "error", "os_secure_boot",
+                      f"os_secure_boot={secure} needs hw_machine_type=q35 (it is {p['hw_machine_type'] or 'unset'})")
+
+
+def _scsi(p: _Props) -> Iterator[Finding]:
+    """P003 / P013: the SCSI bus and its model."""
+    bus, scsi_model = p["hw_disk_bus"], p["hw_scsi_model"]
     if bus == "scsi" and scsi_model != "virtio-scsi":
-        add("P003", "error", "hw_scsi_model",
-            f"hw_disk_bus=scsi needs hw_scsi_model=virtio-scsi (it is {scsi_model or 'unset'}): "
-            "without it the guest gets an emulated LSI controller")
+        yield Finding("P003", "error", "hw_scsi_model",
+                      f"hw_disk_bus=scsi needs hw_scsi_model=virtio-scsi (it is {scsi_model or 'unset'}): "
+                      "without it the guest gets an emulated LSI controller")
     if scsi_model is not None and bus not in ("scsi", None):
-        add("P013", "warning", "hw_scsi_model", f"hw_scsi_model is set but hw_disk_bus is {bus}: it has no effect")
+        yield Finding("P013", "warning", "hw_scsi_model",
+                      f"hw_scsi_model is set but hw_disk_bus is {bus}: it has no effect")
 
-    # P004 / P014: Windows
-    distro = val("os_distro")
-    os_type = val("os_type")
-    windows = distro == "windows" or (recipe is not None and recipe.os.type == "windows")
+
+def _windows(p: _Props) -> Iterator[Finding]:
+    """P004 / P014 / P015: Windows."""
+    distro, os_type = p["os_distro"], p["os_type"]
+    windows = distro == "windows" or (p.recipe is not None and p.recipe.os.type == "windows")
     if windows and os_type != "windows":
-        add("P004", "error", "os_type",
-            f"a Windows image needs os_type=windows (it is {os_type or 'unset'}): Nova then sets the "
-            "clock to localtime and Hyper-V enlightenments")
+        yield Finding("P004", "error", "os_type",
+                      f"a Windows image needs os_type=windows (it is {os_type or 'unset'}): Nova then sets the "
+                      "clock to localtime and Hyper-V enlightenments")
     if os_type == "windows" and distro not in (None, "windows"):
-        add("P014", "warning", "os_distro", f"os_type=windows but os_distro is '{distro}'")
-    if windows and firmware == "uefi" and machine is not None and not (machine == "q35"
-                                                                        or machine.startswith("pc-q35")):
-        add("P015", "warning", "hw_machine_type", f"Windows with UEFI boots best with q35, not {machine}")
+        yield Finding("P014", "warning", "os_distro", f"os_type=windows but os_distro is '{distro}'")
+    machine = p["hw_machine_type"]
+    if windows and p["hw_firmware_type"] == "uefi" and machine is not None and not p.machine_is_q35():
+        yield Finding("P015", "warning", "hw_machine_type", f"Windows with UEFI boots best with q35, not {machine}")
 
-    # P006: quiesce needs the agent
-    if val("os_require_quiesce") == "yes" and val("hw_qemu_guest_agent") != "yes":
-        add("P006", "error", "os_require_quiesce",
-            "os_require_quiesce=yes needs hw_qemu_guest_agent=yes: snapshots would fail without the agent")
 
-    # P008 / P009: architecture
-    if recipe is not None and arch is not None and arch != recipe.os.arch:
-        add("P008", "error", "architecture", f"architecture={arch} but the recipe builds {recipe.os.arch}")
+def _quiesce(p: _Props) -> Iterator[Finding]:
+    """P006: quiesce needs the agent."""
+    if p["os_require_quiesce"] == "yes" and p["hw_qemu_guest_agent"] != "yes":
+        yield Finding("P006", "error", "os_require_quiesce",
+                      "os_require_quiesce=yes needs hw_qemu_guest_agent=yes: snapshots would fail without the agent")
+
+
+def _architecture(p: _Props) -> Iterator[Finding]:
+    """P008 / P009: the recipe's architecture, UEFI on aarch64."""
+    arch, firmware = p["architecture"], p["hw_firmware_type"]
+    if p.recipe is not None and arch is not None and arch != p.recipe.os.arch:
+        yield Finding("P008", "error", "architecture", f"architecture={arch} but the recipe builds {p.recipe.os.arch}")
     if arch == "aarch64" and firmware != "uefi":
-        add("P009", "error", "hw_firmware_type",
-            f"aarch64 guests boot with UEFI only (hw_firmware_type is {firmware or 'unset'})")
+        yield Finding("P009", "error", "hw_firmware_type",
+                      f"aarch64 guests boot with UEFI only (hw_firmware_type is {firmware or 'unset'})")
 
+
+RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _quiesce, _architecture)
+
+
+def lint(props: Mapping[str, str], recipe: Recipe | None = None) -> list[Finding]:
+    """Every inconsistency in ``props`` (and against ``recipe``), errors first."""
+    p = _Props(props, recipe)
+    out = [f for rule in RULE_CHECKS for f in rule(p)]
     out.sort(key=lambda f: (f.severity != "error", f.code, f.property))
     return out
 

@@ -25,7 +25,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from imagekit import paths
+from imagekit import builders, paths
+from imagekit.builders import Build
 from imagekit.errors import RecipeError
 from imagekit.specs import Source, StrictBool, StrictInt, format_size, parse_size  # noqa: F401 - re-exported
 from imagekit.specs import SpecModel as _Model
@@ -34,48 +35,6 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _VAR_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MAX_EXTENDS_DEPTH = 10
-
-# ---------------------------------------------------------------- build methods
-
-
-class DibBuild(_Model):
-    method: Literal["dib"]
-    elements: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    packages: list[str] = Field(default_factory=list)
-    image_size: str | None = None
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = [k for k in v if not re.match(r"^[A-Z_][A-Z0-9_]*$", k)]
-        if bad:
-            raise ValueError(f"environment variable names must be UPPER_CASE: {', '.join(bad)}")
-        return v
-
-
-class CloudImageBuild(_Model):
-    method: Literal["cloud-image"]
-    base: Source
-    format: Literal["qcow2", "raw", "vmdk", "vhdx", "vpc"] | None = None
-
-
-class WindowsBuild(_Model):
-    method: Literal["windows"]
-    install_media: Source
-    virtio_drivers: Source
-    cloudbase_init: Source
-    image_name: str
-    product_key: str | None = None
-    language: str = "en-US"
-    firmware: Literal["bios", "uefi"] = "uefi"
-    memory: str = "4G"
-    install_timeout: str = "4h"
-    updates: StrictBool = False
-
-
-Build = Annotated[DibBuild | CloudImageBuild | WindowsBuild, Field(discriminator="method")]
-
 
 # ---------------------------------------------------------------- customisation steps
 
@@ -343,10 +302,8 @@ class Recipe(_Model):
         return v
 
     @model_validator(mode="after")
-    def _windows(self) -> Recipe:
-        is_win_build = isinstance(self.build, WindowsBuild)
-        if is_win_build and self.os.type != "windows":
-            raise ValueError("build method windows needs os.type windows")
+    def _build_method(self) -> Recipe:
+        builders.get(self.build.method).check_recipe(self)  # what the method needs of the rest
         return self
 
     @property

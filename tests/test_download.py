@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from imagekit import download
-from imagekit.recipe import Source
+from imagekit.specs import Source
 from tests.http_fixture import FileServer
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import pipeline
+from imagekit import accel, cache, pipeline
 from imagekit import recipe as rec
 from imagekit.download import ChecksumMismatch
 from imagekit.errors import UnsafeImageError
@@ -46,13 +46,17 @@ def recipe_for(tmp: Path, srv: FileServer, sha: str, extra: str = "", base: str 
 
 
 def cached_entries() -> list[str]:
-    return [e["stage"] for e in pipeline.cache_list()]
+    return [e.stage or "?" for e in cache.entries()]
+
+
+def options(**kw: bool) -> pipeline.BuildOptions:
+    return pipeline.BuildOptions(accel=accel.resolve(), **kw)  # resolved once by the caller
 
 
 def test_pipeline_cache_and_manifest(served: FileServer, tmp_path: Path) -> None:
     sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
     r = recipe_for(tmp_path, served, sha)
-    first = pipeline.build(r, tmp_path / "out1")
+    first = pipeline.build(r, tmp_path / "out1", options())
     assert [(s.name, s.cached) for s in first.stages] == [("build", False), ("customise", False),
                                                            ("convert", False), ("check", False)]
     out = Path(first.output.path)
@@ -64,15 +68,15 @@ def test_pipeline_cache_and_manifest(served: FileServer, tmp_path: Path) -> None
     assert "error" in m["guest"]["os"]  # no OS in this image: recorded, not fatal without customise steps
     assert sorted(cached_entries()) == ["base", "convert", "customise"]
 
-    again = pipeline.build(r, tmp_path / "out2")
+    again = pipeline.build(r, tmp_path / "out2", options())
     assert [s.cached for s in again.stages[:3]] == [True, True, True]
     assert again.output.sha256 == first.output.sha256
 
     changed = recipe_for(tmp_path, served, sha, "output: {compat: '1.1', cluster_size: 64K}\n")
-    third = pipeline.build(changed, tmp_path / "out3")
+    third = pipeline.build(changed, tmp_path / "out3", options())
     assert [s.cached for s in third.stages[:3]] == [True, True, False]  # only the conversion runs again
 
-    fresh = pipeline.build(r, tmp_path / "out4", use_cache=False)
+    fresh = pipeline.build(r, tmp_path / "out4", options(use_cache=False))
     assert not any(s.cached for s in fresh.stages)
     assert fresh.output.sha256 == first.output.sha256
 
@@ -80,15 +84,15 @@ def test_pipeline_cache_and_manifest(served: FileServer, tmp_path: Path) -> None
 def test_failed_build_leaves_no_output_or_cache(served: FileServer, tmp_path: Path) -> None:
     r = recipe_for(tmp_path, served, "0" * 64)
     with pytest.raises(ChecksumMismatch):
-        pipeline.build(r, tmp_path / "out")
+        pipeline.build(r, tmp_path / "out", options())
     assert cached_entries() == []
     assert not any((tmp_path / "out").iterdir())
-    assert not any(p.name.startswith(".") for p in pipeline.cache_root().iterdir())  # no half entries
+    assert not any(p.name.startswith(".") for p in cache.root().iterdir())  # no half entries
 
 
 def test_cache_prune(served: FileServer, tmp_path: Path, imagekit) -> None:
     sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
-    pipeline.build(recipe_for(tmp_path, served, sha), tmp_path / "out")
+    pipeline.build(recipe_for(tmp_path, served, sha), tmp_path / "out", options())
     env = {"IMAGEKIT_CACHE_DIR": str(tmp_path / "cache")}
     listed = imagekit("cache", "list", "--json", env=env).json()
     assert len(listed) == 3 and {e["recipe"] for e in listed} == {"tiny"}  # type: ignore[union-attr]
@@ -107,13 +111,13 @@ def test_unsafe_or_mislabelled_base_is_refused(served: FileServer, tmp_path: Pat
                     str(hostile), "64M"], check=True)
     sha = hashlib.sha256(hostile.read_bytes()).hexdigest()
     with pytest.raises(UnsafeImageError) as exc:
-        pipeline.build(recipe_for(tmp_path, served, sha, base="hostile.qcow2"), tmp_path / "out")
+        pipeline.build(recipe_for(tmp_path, served, sha, base="hostile.qcow2"), tmp_path / "out", options())
     assert exc.value.exit_code == 3
     assert "backing-file" in str(exc.value) and "failed the safety check" in str(exc.value)
 
     good = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
     with pytest.raises(UnsafeImageError) as exc:
-        pipeline.build(recipe_for(tmp_path, served, good, declared="raw"), tmp_path / "out")
+        pipeline.build(recipe_for(tmp_path, served, good, declared="raw"), tmp_path / "out", options())
     assert "format-mismatch" in str(exc.value)
     assert cached_entries() == []
     assert not any((tmp_path / "out").iterdir())

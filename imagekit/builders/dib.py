@@ -23,13 +23,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
 
 from imagekit import host, paths
 from imagekit import run as runner
 from imagekit.builders import partloop
+from imagekit.builders.base import BaseImage, BuildContext, BuildSpec, ToolVersions, recipe_inputs, tree_digest
 from imagekit.errors import ImagekitError, ToolFailed, ToolNotFound
-from imagekit.recipe import DibBuild, Recipe
 from imagekit.workdir import WorkDir, work_root
+
+if TYPE_CHECKING:  # imagekit.recipe imports this module's model (through the builder registry)
+    from imagekit.recipe import Recipe
 
 log = logging.getLogger("imagekit.dib")
 
@@ -184,3 +190,60 @@ def _dib_version() -> str:
         return importlib.metadata.version("diskimage-builder")
     except Exception:  # noqa: BLE001 - version is informative only
         return "unknown"
+
+
+# ---------------------------------------------------------------- the recipe model and the builder
+
+
+class DibBuild(BuildSpec):
+    method: Literal["dib"]
+    elements: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    packages: list[str] = Field(default_factory=list)
+    image_size: str | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.match(r"^[A-Z_][A-Z0-9_]*$", k)]
+        if bad:
+            raise ValueError(f"environment variable names must be UPPER_CASE: {', '.join(bad)}")
+        return v
+
+
+@dataclass(frozen=True)
+class DibFacts:
+    seconds: float
+    partition_mapping: str  # "device-mapper" or "partloop"
+    versions: dict[str, str]
+    log: str  # the build log's file name, next to the image
+
+
+class DibBuilder:
+    """diskimage-builder as a build method: a raw image from the recipe's elements."""
+
+    method = "dib"
+    model = DibBuild
+    facts = DibFacts
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        return None
+
+    def cache_inputs(self, recipe: Recipe, tools: ToolVersions) -> dict[str, Any]:
+        return {**recipe_inputs(recipe),
+                "elements": [tree_digest(p) for p in element_paths()],  # their content, not where they are
+                "tools": {"diskimage-builder": tools.diskimage_builder, "qemu-img": tools.qemu_img}}
+
+    def build(self, recipe: Recipe, out: Path, ctx: BuildContext) -> BaseImage[DibFacts]:
+        spec = recipe.build
+        if not isinstance(spec, DibBuild):
+            raise DibError(f"recipe {recipe.name} does not use the dib build method")
+        # dib.build() runs diskimage-builder in its own WorkDir and always cleans it up (mounts,
+        # loop devices, processes); a folder left by a SIGKILL is found by workdir.reap_stale().
+        ctx.add_rollback(lambda: out.unlink(missing_ok=True), f"remove the partial image {out}")
+        ctx.phase(f"diskimage-builder: {' '.join(spec.elements)}")
+        log_path = out.with_name("dib.log")
+        res = build(recipe, out, log_path=log_path, phase=lambda p: ctx.phase(f"diskimage-builder {p}"))
+        facts = DibFacts(res.seconds, res.partition_mapping, dict(res.versions), log_path.name)
+        return BaseImage(path=out, format="raw", virtual_size=out.stat().st_size, facts=facts,
+                         elements=tuple(spec.elements))
