@@ -174,8 +174,14 @@ def _say_once(choice: AccelChoice) -> None:
         log.log(level, "using TCG (software emulation): %s", choice.reason)
 
 
-def resolve(requested: str | None = None, *, use_cache: bool = True) -> AccelChoice:
-    """The accelerator to use for ``requested`` (default: ``IMAGEKIT_ACCEL`` or ``auto``)."""
+def resolve(requested: str | AccelChoice | None = None, *, use_cache: bool = True) -> AccelChoice:
+    """The accelerator to use for ``requested`` (default: ``IMAGEKIT_ACCEL`` or ``auto``).
+
+    An ``AccelChoice`` (resolved once by the caller, e.g. the CLI) is returned as it is, so
+    library functions take either and never resolve twice.
+    """
+    if isinstance(requested, AccelChoice):
+        return requested
     req = (requested or os.environ.get("IMAGEKIT_ACCEL") or "auto").strip().lower()
     if req not in CHOICES:
         raise UsageError(f"unknown accelerator '{req}'", "use one of: auto, kvm, tcg (option --accel or IMAGEKIT_ACCEL)")

@@ -67,7 +67,7 @@ def nocloud_seed(path: Path, hostname: str = "imagekit-boot-test") -> Path:
 
 
 def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memory_mib: int = 1024,
-         wait_for: str = "cloud-init", accel_name: str | None = None, console_log: Path | None = None) -> BootResult:
+         wait_for: str = "cloud-init", accel_name: str | accel.AccelChoice | None = None, console_log: Path | None = None) -> BootResult:
     """Boot ``image`` (format ``fmt``) until it reaches ``wait_for``: ``login`` or ``cloud-init``."""
     choice = accel.resolve(accel_name)
     qemu = accel.qemu_system_binary()

@@ -100,7 +100,7 @@ def check_appliance(choice: accel.AccelChoice, timeout: float = 300) -> dict[str
     return {"ok": True, "libguestfs": version, "launch_seconds": float(secs), "accel": choice.accel}
 
 
-def diagnose(appliance: bool = True, probe_cache: bool = True) -> Report:
+def diagnose(appliance: bool = True, probe_cache: bool = True, requested: str | None = None) -> Report:
     rep = Report()
     for name, vargs, purpose, required in TOOLS:
         path = find_program(name)
@@ -120,7 +120,7 @@ def diagnose(appliance: bool = True, probe_cache: bool = True) -> Report:
     except ImportError:
         rep.python["guestfs (binding)"] = None
     rep.device_mapper = host.has_device_mapper()
-    choice = accel.resolve(None, use_cache=probe_cache)
+    choice = accel.resolve(requested, use_cache=probe_cache)
     rep.accelerator = choice.to_dict()
     env_req = os.environ.get("IMAGEKIT_ACCEL")
     if env_req:

@@ -32,7 +32,7 @@ from imagekit.artifact import Artifact
 from imagekit.builders.base import BaseImage, BuildContext, Builder, BuildError, ToolVersions, run_builder
 from imagekit.check import check
 from imagekit.convert import SUFFIX, ConvertOptions, convert
-from imagekit.errors import UnsafeImageError, UsageError
+from imagekit.errors import UnsafeImageError
 from imagekit.run import run as run_program
 from imagekit.run import version_of
 from imagekit.specs import parse_size
@@ -160,14 +160,10 @@ class BuildResult:
     verdict: str
     upload: Uploaded | None = None
 
-    @property
-    def glance(self) -> dict[str, Any] | None:
-        """The upload as a mapping: for the CLI of today only (it reads it by key); use ``upload``."""
-        return self.upload.to_dict() if self.upload else None
-
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "output": self.output.to_dict(), "manifest": str(self.manifest),
-                "verdict": self.verdict, "stages": [s.to_dict() for s in self.stages], "glance": self.glance}
+                "verdict": self.verdict, "stages": [s.to_dict() for s in self.stages],
+                "glance": self.upload.to_dict() if self.upload else None}
 
 
 # ---------------------------------------------------------------- the run
@@ -198,19 +194,11 @@ class _Run:
     stages: list[StageResult] = field(default_factory=list)
 
 
-def build(recipe: Recipe, output_dir: Path, options: BuildOptions | None = None, *, phase: Phase | None = None,
-          use_cache: bool | None = None, upload_cloud: str | None = None, network: bool | None = None) -> BuildResult:
+def build(recipe: Recipe, output_dir: Path, options: BuildOptions, *, phase: Phase | None = None) -> BuildResult:
     """Run the recipe's pipeline; return the final artifact and the manifest's path.
 
-    ``phase(stage, message)`` hears what is being done. ``use_cache``, ``upload_cloud`` and
-    ``network`` are the keywords of the command line of today: without ``options`` they make
-    them, and the accelerator is resolved here (transitional; pass ``options``).
+    ``phase(stage, message)`` hears what is being done.
     """
-    if options is None:
-        options = BuildOptions(accel=accel.resolve(None), use_cache=use_cache is not False,
-                               network=network is not False, upload_cloud=upload_cloud)
-    elif (use_cache, upload_cloud, network) != (None, None, None):
-        raise UsageError("pipeline.build: give BuildOptions or the separate keywords, not both")
     started = time.monotonic()
     run = _Run(recipe, options, builders.get(recipe.build.method), tool_versions(), phase or _quiet)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -395,7 +383,7 @@ def _upload_stage(run: _Run, image: Path) -> Uploaded:
     run.say("upload", f"uploading to {cloud}")
     recipe = run.recipe
     # the Recipe itself, not its file: glance re-reading it would substitute {date} again
-    opts = glance.UploadOptions(recipe=cast(Any, recipe),  # until UploadOptions.recipe is typed Recipe | None
+    opts = glance.UploadOptions(recipe=recipe,
                                 prune_keep=recipe.glance.keep if recipe.glance.keep > 0 else None)
     res = glance.upload(connect(cloud), image, opts)
     img = res.image
@@ -406,23 +394,3 @@ def _upload_stage(run: _Run, image: Path) -> Uploaded:
                   pruned=res.pruned)
     run.stages.append(StageResult("upload", "", False, round(time.monotonic() - t, 2), None, up))
     return up
-
-
-# ---------------------------------------------------------------- the CLI of today (transitional)
-
-
-def cache_root() -> Path:
-    """Transitional (the CLI of today): use ``imagekit.cache.root``."""
-    return cache.root()
-
-
-def cache_list() -> list[dict[str, Any]]:
-    """Transitional (the CLI of today): use ``imagekit.cache.entries``."""
-    return [e.to_dict() for e in cache.entries()]
-
-
-def cache_prune(*, older_than: float | None = None, recipe: str | None = None, everything: bool = False,
-                dry_run: bool = False) -> list[dict[str, Any]]:
-    """Transitional (the CLI of today): use ``imagekit.cache.prune``."""
-    return [e.to_dict() for e in cache.prune(older_than=older_than, recipe=recipe, everything=everything,
-                                             dry_run=dry_run)]

@@ -12,7 +12,7 @@ from imagekit.cli.output import (
     json_option,
     out_console,
 )
-from imagekit.cli.root import cli
+from imagekit.cli.root import accel_choice, cli
 from imagekit.errors import ImagekitError, UsageError
 
 
@@ -38,8 +38,9 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
         raise UsageError("--upload needs --cloud NAME (or OS_CLOUD)",
                          "for a local Glance: 'imagekit glance serve', then --cloud imagekit-local")
     with StatusLine() as status:
-        result = pipeline.build(r, Path(output_dir), use_cache=not no_cache, upload_cloud=cloud if upload else None,
-                                phase=status, network=not no_network)
+        opts = pipeline.BuildOptions(accel=accel_choice(), use_cache=not no_cache, network=not no_network,
+                                     upload_cloud=cloud if upload else None)
+        result = pipeline.build(r, Path(output_dir), opts, phase=status)
     data = result.to_dict()
 
     def human() -> None:
@@ -51,10 +52,10 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
         p(f"  check    {result.verdict}")
         for s in result.stages:
             p(f"  {s.name:<9} {'cached' if s.cached else f'{s.seconds:.1f} s'}")
-        if result.glance:
-            g = result.glance
-            p(f"  glance   image {g.get('id')} '{g.get('name')}' ({g.get('status')}) on {cloud}", highlight=False)
-            props = g.get("properties") or {}
+        if result.upload:
+            g = result.upload
+            p(f"  glance   image {g.id} '{g.name}' ({g.status}) on {g.cloud}", highlight=False)
+            props = g.properties or {}
             for k in sorted(props):
                 p(f"           {k} = {props[k]}", highlight=False)
         p(f"  manifest {result.manifest}", highlight=False)
@@ -85,7 +86,7 @@ def boot_cmd(image: str, wait_for: str, timeout: float, memory: int, console_log
         status("boot", f"booting {image} (waiting for {wait_for}, at most {timeout:g} s)")
         fmt = v.detection.qemu_format if v.detection else None
         res = bootmod.boot(image, str(fmt or v.format), timeout=timeout, memory_mib=memory, wait_for=wait_for,
-                           console_log=Path(console_log) if console_log else None)
+                           accel_name=accel_choice(), console_log=Path(console_log) if console_log else None)
 
     def human() -> None:
         if res.ok:
@@ -108,9 +109,9 @@ def cache() -> None:
 @json_option
 def cache_list() -> None:
     """List cache entries with their size and last use."""
-    from imagekit import pipeline
+    from imagekit import cache as step_cache
 
-    rows = pipeline.cache_list()
+    rows = [e.to_dict() for e in step_cache.entries()]
 
     def human() -> None:
         if not rows:
@@ -130,12 +131,12 @@ def cache_list() -> None:
 @json_option
 def cache_prune(everything: bool, recipe: str | None, older_than: float | None, dry_run: bool) -> None:
     """Remove cache entries."""
-    from imagekit import pipeline
+    from imagekit import cache as step_cache
 
     if not (everything or recipe or older_than is not None):
         raise UsageError("say what to prune: --all, --recipe NAME or --older-than DAYS")
-    rows = pipeline.cache_prune(older_than=older_than * 86400 if older_than is not None else None,
-                                recipe=recipe, everything=everything, dry_run=dry_run)
+    rows = [e.to_dict() for e in step_cache.prune(older_than=older_than * 86400 if older_than is not None else None,
+                                                   recipe=recipe, everything=everything, dry_run=dry_run)]
 
     def human() -> None:
         verb = "would remove" if dry_run else "removed"

@@ -21,7 +21,7 @@ def doctor(no_appliance: bool, reprobe: bool) -> None:
     """Report tools, versions, the accelerator in use and guestfs appliance health."""
     from imagekit import doctor as doc
 
-    rep = doc.diagnose(appliance=not no_appliance, probe_cache=not reprobe)
+    rep = doc.diagnose(appliance=not no_appliance, probe_cache=not reprobe, requested=state().accel)
 
     def human() -> None:
         p = out_console.print

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from imagekit import __version__
 from imagekit.cli.output import State
+
+if TYPE_CHECKING:
+    from imagekit.accel import AccelChoice
 
 
 def setup_logging(verbose: int, debug: bool) -> None:
@@ -35,12 +38,10 @@ def cli(ctx: click.Context, as_json: bool, verbose: int, debug: bool, accel: str
     st = ctx.ensure_object(State)
     st.json = st.json or as_json
     st.verbose, st.debug, st.accel = verbose, debug, accel
-    if accel:  # read by library code until every VM-starting call takes the choice explicitly
-        os.environ["IMAGEKIT_ACCEL"] = accel
     setup_logging(verbose, debug)
 
 
-def accel_choice() -> object:
+def accel_choice() -> AccelChoice:
     """The accelerator for this command's VMs, resolved once (``--accel``, else IMAGEKIT_ACCEL, else auto)."""
     from imagekit import accel
     from imagekit.cli.output import state
