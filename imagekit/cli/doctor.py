@@ -8,6 +8,7 @@ from imagekit.cli.output import (
     emit,
     json_option,
     out_console,
+    state,
 )
 from imagekit.cli.root import cli
 from imagekit.errors import ImagekitError
