@@ -44,9 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagekit import paths
+from imagekit import partloop, paths
 from imagekit import run as runner
-from imagekit.builders import partloop
 from imagekit.errors import ImagekitError
 
 log = logging.getLogger("imagekit.workdir")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from imagekit import partloop
 from imagekit import recipe as rec
-from imagekit.builders import dib, partloop
+from imagekit.builders import dib
 from tests.conftest import ROOT
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")

@@ -4,7 +4,7 @@ The recipe's elements and environment, the project's ``elements/`` on
 ``ELEMENTS_PATH``, a raw output (imagekit's convert step writes the final
 format). The build log is streamed to a file and to a phase callback. On a
 kernel without device-mapper, partition mapping goes through
-``imagekit.builders.partloop`` (see there). Whatever happens (failure, Ctrl-C,
+``imagekit.partloop`` (see there). Whatever happens (failure, Ctrl-C,
 timeout, SIGTERM/SIGHUP), the build runs in an ``imagekit.workdir.WorkDir``: its
 processes carry the folder's tag, and before returning they are ended, mounts
 under the folder unmounted, loop devices on its files detached and the folder
@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from imagekit import host, paths
+from imagekit import host, partloop, paths
 from imagekit import run as runner
-from imagekit.builders import partloop
 from imagekit.builders.base import BaseImage, BuildContext, BuildSpec, ToolVersions, recipe_inputs, tree_digest
 from imagekit.errors import ImagekitError, ToolFailed, ToolNotFound
 from imagekit.workdir import WorkDir, work_root
@@ -87,7 +86,7 @@ def _shim_dir(work: Path) -> Path:
     py = sys.executable
     for tool in ("kpartx", "dmsetup"):
         f = d / tool
-        f.write_text(f'#!/bin/sh\nexec "{py}" -m imagekit.builders.partloop {tool} "$@"\n')
+        f.write_text(f'#!/bin/sh\nexec "{py}" -m imagekit.partloop {tool} "$@"\n')
         f.chmod(0o755)
     sudo = d / "sudo"
     sudo.write_text(

@@ -11,7 +11,7 @@ offset and size, and ``/dev/mapper/loopNpM`` is a symlink to it. The mappings
 are recorded in a state directory so that ``kpartx -d``, ``dmsetup remove``
 and imagekit's own clean-up can always undo them.
 
-Invoked as ``python -m imagekit.builders.partloop kpartx|dmsetup ARGS``.
+Invoked as ``python -m imagekit.partloop kpartx|dmsetup ARGS``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def dmsetup(args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m imagekit.builders.partloop kpartx|dmsetup ARGS", file=sys.stderr)
+        print("usage: python -m imagekit.partloop kpartx|dmsetup ARGS", file=sys.stderr)
         return 2
     tool, args = argv[0], argv[1:]
     if tool == "kpartx":
