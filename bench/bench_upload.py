@@ -52,12 +52,12 @@ def make_image(path: Path, gib: float) -> str:
 
 
 def curl_round(c: object, endpoint: str, path: Path) -> float:
-    from imagekit.glance_server import IDENTITY_HEADERS
+    from imagekit.glance_server import AUTH_HEADERS
 
     cl = c.glance  # type: ignore[attr-defined]
     img = cl.images.create(name=f"bench-curl-{time.time_ns()}", disk_format="raw", container_format="bare")
     argv = ["curl", "-sS", "-f", "-o", "/dev/null", "-T", str(path), "-H", "Content-Type: application/octet-stream"]
-    for k, v in IDENTITY_HEADERS.items():
+    for k, v in AUTH_HEADERS.items():
         argv += ["-H", f"{k}: {v}"]
     argv.append(f"{endpoint}/v2/images/{img['id']}/file")
     t = time.perf_counter()

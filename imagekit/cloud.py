@@ -6,9 +6,8 @@ searched in the current directory, ``~/.config/openstack``, ``/etc/openstack``,
 with ``OS_CLIENT_CONFIG_FILE`` first), builds a keystoneauth1 session and a
 python-glanceclient v2 client, and checks the image service answers.
 
-A cloud entry may carry ``imagekit_identity_headers`` (a mapping): they are sent
-on every request. The local Glance (``imagekit glance serve``) runs without
-Keystone and relies on them (``auth_type: none``).
+The local Glance (``imagekit glance serve``) runs without Keystone: its clouds.yaml
+entry uses the standard ``admin_token`` auth type (a fixed token and an endpoint).
 
 Credentials are never logged or put in messages: errors name the cloud, the
 auth URL and the endpoint only. Every failure becomes a ``CloudError`` with a hint.
@@ -19,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from imagekit.errors import ImagekitError
@@ -48,7 +47,6 @@ class Cloud:
     region: str | None
     session: Any
     glance: Any
-    headers: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """What may be shown to the user: no credentials."""
@@ -174,16 +172,12 @@ def connect(cloud: str | None = None, *, probe: bool = True, timeout: float | No
     secrets.add(*(v for k, v in auth_conf.items() if isinstance(v, str) and "passcode" in str(k).lower()))
     auth_type = str(conf.get("auth_type") or "password")
     auth_url = auth_conf.get("auth_url")
-    headers_raw = conf.get("imagekit_identity_headers") or {}
-    # openstacksdk normalises '-' in keys to '_'; header names never contain '_'.
-    headers = ({str(k).replace("_", "-"): str(v) for k, v in headers_raw.items()}
-               if isinstance(headers_raw, dict) else {})
     try:
         auth = region.get_auth()
         verify, cert = region.get_requests_verify_args()
         sess = ks_session.Session(auth=auth, verify=verify, cert=cert,
                                   timeout=timeout or conf.get("api_timeout") or DEFAULT_TIMEOUT,
-                                  additional_headers=headers, app_name="imagekit")
+                                  app_name="imagekit")
         override = region.get_endpoint("image")
         interface = region.get_interface()
         region_name = region.get_region_name("image") or None
@@ -207,7 +201,7 @@ def connect(cloud: str | None = None, *, probe: bool = True, timeout: float | No
                                  region_name=region_name, endpoint_override=endpoint)
     c = Cloud(name=name, endpoint=endpoint.rstrip("/"), auth_type=auth_type,
               auth_url=str(auth_url) if auth_url else None, region=region_name, session=sess,
-              glance=client, headers=headers)
+              glance=client)
     log.info("cloud %s: image endpoint %s (auth %s)", name, c.endpoint, auth_type)
     if probe:
         c.call("list images", lambda: next(iter(client.images.list(limit=1, page_size=1)), None))

@@ -41,6 +41,7 @@ import yaml
 
 from imagekit import paths
 from imagekit.errors import ImagekitError
+from imagekit.glance_identity import make_token
 from imagekit.process import Process, cmdline_has
 from imagekit.run import run
 
@@ -48,12 +49,10 @@ CLOUD_NAME = "imagekit-local"
 PROJECT_ID = "0c1b5a9e6f3d4e2a9b7c8d6e5f4a3b21"
 USER_ID = "5e2f3a1b9c8d4e7f8a6b5c4d3e2f1a09"
 ROLES = "admin,member,reader"
-IDENTITY_HEADERS = {
-    "X-Identity-Status": "Confirmed",
-    "X-Project-Id": PROJECT_ID,
-    "X-User-Id": USER_ID,
-    "X-Roles": ROLES,
-}
+# The token clients send (auth_type admin_token); imagekit.glance_identity turns it into the
+# identity headers Glance's context middleware reads.
+TOKEN = make_token(USER_ID, PROJECT_ID)
+AUTH_HEADERS = {"X-Auth-Token": TOKEN}
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
@@ -113,8 +112,9 @@ def _require_glance() -> None:
 # ---------------------------------------------------------------- configuration
 
 _PASTE = """\
-# Written by imagekit: Glance's keystone pipeline without authtoken. Requests
-# carry X-Identity-Status / X-Project-Id / X-User-Id / X-Roles themselves.
+# Written by imagekit: Glance's keystone pipeline with imagekit.glance_identity where
+# authtoken would be: X-Auth-Token USER:PROJECT[:ROLES] from loopback clients becomes the
+# identity headers (no Keystone runs).
 [composite:glance-api-imagekit]
 paste.composite_factory = glance.api:root_app_factory
 /: api
@@ -122,7 +122,7 @@ paste.composite_factory = glance.api:root_app_factory
 
 [composite:api]
 paste.composite_factory = glance.api:pipeline_factory
-imagekit = cors http_proxy_to_wsgi versionnegotiation osprofiler context rootapp
+imagekit = cors http_proxy_to_wsgi versionnegotiation osprofiler identity context rootapp
 
 [composite:rootapp]
 paste.composite_factory = glance.api:root_app_factory
@@ -142,6 +142,9 @@ disable_by_file_path = {data}/healthcheck_disable
 
 [filter:versionnegotiation]
 paste.filter_factory = glance.api.middleware.version_negotiation:VersionNegotiationFilter.factory
+
+[filter:identity]
+paste.filter_factory = imagekit.glance_identity:filter_factory
 
 [filter:context]
 paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
@@ -302,13 +305,15 @@ def write_clouds_yaml(path: Path, endpoint: str, cloud: str = CLOUD_NAME) -> Pat
     clouds = existing.get("clouds")
     if not isinstance(clouds, dict):
         clouds = {}
+    # Standard keystoneauth: a fixed token and an endpoint, so openstack, glance,
+    # openstacksdk, imagekit and Nova all use this entry as it is.
     clouds[cloud] = {
-        "auth_type": "none",
-        "auth": {"endpoint": endpoint},
+        "auth_type": "admin_token",
+        "auth": {"token": TOKEN, "endpoint": endpoint},
         "image_api_version": "2",
-        # Not an OpenStack key: imagekit sends these headers on every request
-        # because this Glance runs without Keystone.
-        "imagekit_identity_headers": dict(IDENTITY_HEADERS),
+        # the base URL with a slash: openstacksdk then discovers /v2 (without it, admin_token's
+        # endpoint is used as the versioned one)
+        "image_endpoint_override": endpoint.rstrip("/") + "/",
     }
     existing["clouds"] = clouds
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -424,3 +429,8 @@ def kill(home: str | os.PathLike[str]) -> None:
     proc = _attach(Path(home).resolve())
     if proc is not None:
         proc.kill()
+
+
+def shell_env(endpoint: str, cloud: str = CLOUD_NAME) -> dict[str, str]:
+    """Variables for clients that read no clouds.yaml (the ``glance`` CLI): token and image URL."""
+    return {"OS_CLOUD": cloud, "OS_AUTH_TOKEN": TOKEN, "OS_IMAGE_URL": endpoint}

@@ -28,8 +28,9 @@ def test_clouds_yaml_merge_keeps_other_clouds(tmp_path: Path) -> None:
     assert set(data["clouds"]) == {"prod", "imagekit-local"}
     assert data["clouds"]["prod"]["auth"]["password"] == "x"
     local = data["clouds"]["imagekit-local"]
-    assert local["auth_type"] == "none" and local["auth"]["endpoint"] == "http://127.0.0.1:9999"
-    assert local["imagekit_identity_headers"]["X-Identity-Status"] == "Confirmed"
+    assert local["auth_type"] == "admin_token" and local["auth"]["endpoint"] == "http://127.0.0.1:9999"
+    assert local["auth"]["token"] == glance_server.TOKEN and local["image_endpoint_override"] == "http://127.0.0.1:9999/"
+    assert not any(k.startswith("imagekit") for k in local)  # only standard keys: every client can use it
     assert (tmp_path / "clouds.yaml.bak").exists()
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     glance_server.write_clouds_yaml(path, "http://127.0.0.1:9998")  # replaced, not duplicated

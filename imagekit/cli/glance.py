@@ -67,3 +67,18 @@ def glance_status() -> None:
         if info is not None and info.running else "not running", markup=False))
     if info is None or not info.running:
         raise gs.GlanceServerError("the local Glance is not running", "start it with 'imagekit glance serve'")
+
+
+@glance_group.command("env")
+@json_option
+def glance_env() -> None:
+    """Print shell exports for clients that read no clouds.yaml: eval "$(imagekit glance env)" then e.g. glance image-list."""
+    import shlex
+
+    from imagekit import glance_server as gs
+
+    info = gs.status()
+    if info is None or not info.running:
+        raise gs.GlanceServerError("the local Glance is not running", "start it with 'imagekit glance serve'")
+    env = gs.shell_env(info.endpoint, info.cloud)
+    emit(env, lambda: click.echo("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()), nl=False))
