@@ -103,6 +103,29 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="Machine-readable output on stdout (exactly one JSON document).")(f)
 
 
+# ---------------------------------------------------------------- result types (the --json contract)
+
+# command path ("check", "cache list") -> the type of its --json result (a dataclass or pydantic model);
+# docs/schemas/ is generated from these (imagekit.cli.schemas), so the schema and the code cannot drift.
+RESULT_TYPES: dict[str, Any] = {}
+
+
+def result_type(tp: Any, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the type of a command's ``--json`` result (put it under the ``@cli.command`` decorator).
+
+    ``name`` is the command path ("cache list"); by default the function's name with ``_`` as
+    spaces and a trailing ``_cmd`` dropped.
+    """
+
+    def mark(f: Callable[..., Any]) -> Callable[..., Any]:
+        key = name or f.__name__.removesuffix("_cmd").replace("_", " ")
+        RESULT_TYPES[key] = tp
+        f.__imagekit_result__ = key  # type: ignore[attr-defined]
+        return f
+
+    return mark
+
+
 # ---------------------------------------------------------------- the document
 
 
@@ -110,8 +133,22 @@ def error_object(exc: ImagekitError) -> dict[str, Any]:
     return {"ok": False, **exc.to_dict()}
 
 
+def to_jsonable(obj: Any) -> Any:
+    """A result as JSON data: pydantic models and dataclasses through pydantic (the same
+    serialiser the published schemas come from), ``to_dict()`` where a type has one."""
+    import dataclasses
+
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(type(obj)).dump_python(obj, mode="json")
+    return obj
+
+
 def write_document(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=False, default=str))
+    click.echo(json.dumps(to_jsonable(doc), indent=2, sort_keys=False, default=str))
 
 
 def finish_success(st: State | None) -> None:
@@ -123,7 +160,7 @@ def finish_failure(st: State | None, as_json: bool, err: dict[str, Any]) -> None
     """With --json: the document with the error merged in (or the error alone) on stdout."""
     if not as_json:
         return
-    doc = st.document if st is not None and st.has_document else None
+    doc = to_jsonable(st.document) if st is not None and st.has_document else None
     if isinstance(doc, dict):
         write_document({**doc, **err})
     elif doc is not None:
