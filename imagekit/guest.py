@@ -427,7 +427,7 @@ def open_image(
     readonly: bool,
     fmt: str,
     network: bool = False,
-    accel: str | None = None,
+    accel: str | accel_mod.AccelChoice | None = None,
     launch_timeout: float = LAUNCH_TIMEOUT,
     mount: bool = True,
     discard: bool = True,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from imagekit import __version__, accel, builders, cache, manifest
+from imagekit import __version__, accel, builders, cache, manifest, steps
 from imagekit.artifact import Artifact
 from imagekit.builders.base import BaseImage, BuildContext, Builder, BuildError, ToolVersions, run_builder
 from imagekit.check import check
@@ -275,25 +275,10 @@ def _build_stage(run: _Run) -> tuple[cache.Entry, BaseImage[Any]]:
 # ---------------------------------------------------------------- 2. customise
 
 
-def _customise_inputs(recipe: Recipe) -> dict[str, str]:
-    """Digests of local files the customisation reads (uploads, scripts, keys), by reference."""
-    from imagekit.builders.base import file_digest
-
-    base = Path(recipe.source).parent if recipe.source else Path.cwd()
-    fields = {"upload": "src", "script": "file", "ssh-key": "key_file"}
-    files: dict[str, str] = {}
-    for step in recipe.customise:
-        ref = getattr(step, fields[step.op], None) if step.op in fields else None
-        if ref:
-            p = (base / ref) if not os.path.isabs(ref) else Path(ref)
-            files[ref] = file_digest(p) if p.is_file() else "missing"
-    return files
-
-
 def _customise_stage(run: _Run, base_entry: cache.Entry, base: BaseImage[Any]) -> tuple[cache.Entry, Customised]:
     recipe = run.recipe
     inputs = {"steps": [s.model_dump(mode="json") for s in recipe.customise],
-              "files": _customise_inputs(recipe),  # to become: steps.host_file_digests(recipe.customise)
+              "files": steps.host_file_digests(recipe.customise),  # absolute paths, resolved at load
               "base": base_entry.key, "guestfs": run.tools.libguestfs, "network": run.options.network}
     return _cached_stage(run, "customise", "customise", inputs, Customised,
                          lambda entry: _run_customise(run, base, entry), "customised image from cache")
@@ -313,8 +298,8 @@ def _run_customise(run: _Run, base: BaseImage[Any], entry: cache.Entry) -> Custo
             steps.append(StepDone(r.index, r.op, r.summary, r.duration))
 
         # the guest inventory is taken in the same appliance session, after the last step
-        cust.customise(base.path, run.recipe.customise, output=entry.artifact, output_format="qcow2",
-                       fmt=base.format, network=run.options.network, accel=accel_name, log=on_step,
+        cust.customise(base.path, run.recipe.customise, output=entry.artifact,
+                       fmt=base.format, network=run.options.network, accel=run.options.accel, log=on_step,
                        after=lambda session: info.update(sbom.guest_info(session)))
         fmt = "qcow2"
     else:
@@ -322,7 +307,7 @@ def _run_customise(run: _Run, base: BaseImage[Any], entry: cache.Entry) -> Custo
         fmt = base.format
         run.say("customise", "inventory of the guest (packages)")
         try:
-            info = sbom.inspect_guest(entry.artifact, fmt, accel=accel_name)
+            info = sbom.inspect_guest(entry.artifact, fmt, accel=run.options.accel)
         except GuestError as exc:
             log.warning("no guest inventory: %s", exc.message)
             return Customised(fmt, tuple(steps), {"error": exc.message}, (), accel_name)

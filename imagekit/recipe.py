@@ -7,7 +7,16 @@ over OTHER (mappings merge key by key, lists are replaced; a key written
 ``{release}`` or ``{date}`` are substituted in names, URLs and build environment
 values. Validation is strict: every unknown key, wrong type, bad enum value and
 missing field is reported at once, each with its path, e.g.
-``customise[2].packages: expected a list``.
+``customise[2].packages: expected a list``; a step's own checks (``imagekit.steps``)
+run here too, so ``imagekit recipes validate`` finds a bad host name, duration or
+package name before anything is built.
+
+Host files named by customise steps (``upload`` ``src``, ``script`` ``file``,
+``ssh-key`` ``key_file``) are relative to the folder of the recipe file that
+declares the step, whatever the current directory: the loader passes that folder
+to validation (pydantic validation context ``base_dir``), which resolves them to
+absolute paths and checks that they exist and can be read. A step inherited
+through ``extends`` keeps the folder of the parent file that declared it.
 """
 
 from __future__ import annotations
@@ -20,212 +29,23 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from imagekit import builders, paths
+from imagekit import builders, paths, recipe_errors
 from imagekit.builders import Build
 from imagekit.errors import RecipeError
 from imagekit.specs import Source, StrictBool, StrictInt, format_size, parse_size  # noqa: F401 - re-exported
 from imagekit.specs import SpecModel as _Model
+from imagekit.steps import Step, anchor_host_paths, validation_context
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _VAR_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MAX_EXTENDS_DEPTH = 10
 
-# ---------------------------------------------------------------- customisation steps
-
-
-class _Step(_Model):
-    pass
-
-
-class WriteStep(_Step):
-    op: Literal["write"]
-    path: str
-    content: str
-    mode: str | None = None
-    owner: str | None = None
-
-
-class AppendStep(_Step):
-    op: Literal["append"]
-    path: str
-    content: str
-
-
-class UploadStep(_Step):
-    op: Literal["upload"]
-    src: str
-    dest: str
-    mode: str | None = None
-    owner: str | None = None
-
-
-class MkdirStep(_Step):
-    op: Literal["mkdir"]
-    path: str
-    mode: str | None = None
-    owner: str | None = None
-
-
-class ChmodStep(_Step):
-    op: Literal["chmod"]
-    path: str
-    mode: str
-
-
-class ChownStep(_Step):
-    op: Literal["chown"]
-    path: str
-    owner: str
-
-
-class DeleteStep(_Step):
-    op: Literal["delete"]
-    path: str
-    recursive: StrictBool = False
-
-
-class RunStep(_Step):
-    op: Literal["run"]
-    command: str
-    timeout: str = "30m"
-
-
-class ScriptStep(_Step):
-    op: Literal["script"]
-    file: str | None = None
-    content: str | None = None
-    timeout: str = "30m"
-
-    @model_validator(mode="after")
-    def _one(self) -> ScriptStep:
-        if (self.file is None) == (self.content is None):
-            raise ValueError("give exactly one of file or content")
-        return self
-
-
-class InstallStep(_Step):
-    op: Literal["install"]
-    packages: list[str] = Field(min_length=1)
-
-
-class UninstallStep(_Step):
-    op: Literal["uninstall"]
-    packages: list[str] = Field(min_length=1)
-
-
-class ServicesStep(_Step):
-    op: Literal["services"]
-    enable: list[str] = Field(default_factory=list)
-    disable: list[str] = Field(default_factory=list)
-    mask: list[str] = Field(default_factory=list)
-
-
-class RootPasswordStep(_Step):
-    op: Literal["root-password"]
-    hash: str | None = None
-    locked: StrictBool = False
-
-    @model_validator(mode="after")
-    def _one(self) -> RootPasswordStep:
-        if (self.hash is None) == (not self.locked):
-            raise ValueError("give a crypt(3) hash, or locked: true (plain-text passwords are not accepted)")
-        if self.hash is not None and not self.hash.startswith("$"):
-            raise ValueError("hash must be a crypt(3) hash such as $6$... or $y$... (never a plain password)")
-        return self
-
-
-class UserStep(_Step):
-    op: Literal["user"]
-    name: str
-    groups: list[str] = Field(default_factory=list)
-    shell: str = "/bin/bash"
-    password_hash: str | None = None
-    ssh_keys: list[str] = Field(default_factory=list)
-    sudo: StrictBool = False
-
-
-class SshKeyStep(_Step):
-    op: Literal["ssh-key"]
-    user: str = "root"
-    key: str | None = None
-    key_file: str | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> SshKeyStep:
-        if (self.key is None) == (self.key_file is None):
-            raise ValueError("give exactly one of key or key_file")
-        return self
-
-
-class HostnameStep(_Step):
-    op: Literal["hostname"]
-    hostname: str
-
-
-class TimezoneStep(_Step):
-    op: Literal["timezone"]
-    timezone: str
-
-
-class LocaleStep(_Step):
-    op: Literal["locale"]
-    locale: str
-
-
-class CloudInitStep(_Step):
-    op: Literal["cloud-init"]
-    datasources: list[str] = Field(default_factory=list)
-    config: dict[str, Any] = Field(default_factory=dict)
-
-
-class FirstbootStep(_Step):
-    op: Literal["firstboot"]
-    command: str | None = None
-    script: str | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> FirstbootStep:
-        if (self.command is None) == (self.script is None):
-            raise ValueError("give exactly one of command or script")
-        return self
-
-
-class SelinuxRelabelStep(_Step):
-    op: Literal["selinux-relabel"]
-
-
-class GrowRootStep(_Step):
-    op: Literal["grow-root"]
-
-
-SYSPREP_OPERATIONS = (
-    "machine-id", "ssh-hostkeys", "logs", "bash-history", "cloud-init-state",
-    "net-persistent-rules", "package-cache", "tmp-files", "dhcp-leases",
-)
-
-
-class SysprepStep(_Step):
-    op: Literal["sysprep"]
-    operations: list[Literal[SYSPREP_OPERATIONS]] = Field(default_factory=lambda: list(SYSPREP_OPERATIONS))  # type: ignore[valid-type]
-
-
-class SparsifyStep(_Step):
-    op: Literal["sparsify"]
-
-
-Step = Annotated[
-    WriteStep | AppendStep | UploadStep | MkdirStep | ChmodStep | ChownStep | DeleteStep | RunStep
-    | ScriptStep | InstallStep | UninstallStep | ServicesStep | RootPasswordStep | UserStep | SshKeyStep
-    | HostnameStep | TimezoneStep | LocaleStep | CloudInitStep | FirstbootStep | SelinuxRelabelStep
-    | GrowRootStep | SysprepStep | SparsifyStep,
-    Field(discriminator="op"),
-]
 
 
 # ---------------------------------------------------------------- the rest
@@ -422,14 +242,25 @@ def _resolve_raw(ref: str | Path, chain: tuple[str, ...] = (), near: Path | None
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected the name of another recipe")
     try:
-        base, _ = _resolve_raw(parent, chain + (key,), near=path.parent)
+        base, base_path = _resolve_raw(parent, chain + (key,), near=path.parent)
     except RecipeError as exc:
         if "does not exist" in exc.message or "no recipe named" in exc.message:
             raise RecipeError(f"{path}: extends '{parent}', {exc.message}", exc.hint) from exc
         raise
+    base = _anchor_steps(base, base_path.parent)
     base = {k: v for k, v in base.items() if k not in ("abstract", "name")}
     merged = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
     return merged, path
+
+
+def _anchor_steps(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with the host paths of its steps made absolute against ``folder`` (the folder of
+    the file that declared them), before a child recipe in another folder merges over it."""
+    out = dict(data)
+    for key in ("customise", "customise+"):
+        if isinstance(out.get(key), list):
+            out[key] = [anchor_host_paths(step, folder.resolve()) for step in out[key]]
+    return out
 
 
 def _locate(ref: str | Path, near: Path | None = None) -> Path:
@@ -504,83 +335,18 @@ def _copy(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
-    parts: list[str] = []
-    cur = data
-    for el in loc:
-        if isinstance(el, int):
-            parts.append(f"[{el}]")
-            cur = cur[el] if isinstance(cur, list) and 0 <= el < len(cur) else None
-            continue
-        el = str(el)
-        if isinstance(cur, dict) and el not in cur and el in (cur.get("op"), cur.get("method")):
-            continue  # the tag pydantic adds for a discriminated union
-        if "[" in el or "(" in el:
-            continue
-        parts.append(("." if parts else "") + el)
-        cur = cur.get(el) if isinstance(cur, dict) else None
-    return "".join(parts) or "(top level)"
-
-
-_TYPE_WORDS = {
-    "list_type": "expected a list",
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping",
-    "model_attributes_type": "expected a mapping",
-    "string_type": "expected a string",
-    "int_type": "expected an integer",
-    "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "bool_type": "expected true or false",
-    "bool_parsing": "expected true or false",
-    "missing": "required field is missing",
-}
-
-
 def _message(err: Any) -> str:
-    typ = err["type"]
-    if typ in _TYPE_WORDS:
-        msg = _TYPE_WORDS[typ]
-        if typ != "missing":
-            msg += f", got {_describe(err.get('input'))}"
-        return msg
-    ctx = err.get("ctx") or {}
-    if typ == "extra_forbidden":
-        key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1)
-        return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
-    if typ == "literal_error":
-        return f"expected one of {ctx.get('expected', '')}, got {_describe(err.get('input'))}"
-    if typ == "union_tag_invalid":
-        return f"unknown value '{ctx.get('tag')}' (expected one of {ctx.get('expected_tags')})"
-    if typ == "union_tag_not_found":
-        return f"missing '{ctx.get('discriminator', '').strip(chr(39))}' (what kind of entry this is)"
-    if typ == "too_short":
-        return "must not be empty"
-    if typ in ("greater_than_equal", "greater_than"):
-        return f"must be {'>=' if typ.endswith('equal') else '>'} {ctx.get('ge', ctx.get('gt'))}"
-    msg = str(err.get("msg", typ))
-    return msg.removeprefix("Value error, ")
+    """One pydantic error in a recipe author's words (kept for ``cli._parse_steps`` until it calls
+    ``steps.parse_step_texts``)."""
+    return recipe_errors.message(err, _KNOWN_KEYS)
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"'{value[:40]}'"
-    if isinstance(value, int | float):
-        return f"{type(value).__name__} {value}"
-    return type(value).__name__
+def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datetime | None = None, *,
+                  base_dir: str | os.PathLike[str] | None = None) -> Recipe:
+    """Validate a merged recipe mapping; raise RecipeError listing every problem.
 
-
-def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datetime | None = None) -> Recipe:
-    """Validate a merged recipe mapping; raise RecipeError listing every problem."""
+    ``base_dir`` is the folder relative host paths of steps are resolved against (``load``
+    passes the recipe file's folder; default: the current directory)."""
     raw_digest = hashlib.sha256(json.dumps(_copy(data), sort_keys=True).encode()).hexdigest()
     if data.get("abstract") is True:
         raise RecipeError(f"{source}: recipe is abstract (a base for others to extend), it cannot be used directly")
@@ -592,11 +358,13 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
         if isinstance(body.get(section, {}), dict):
             body.setdefault(section, {}).setdefault("name", "{name}")
     body = _substitute(body, variables, problems)
+    os_type = body.get("os", {}).get("type") if isinstance(body.get("os"), dict) else None
+    known_os = os_type in get_args(OsSpec.model_fields["type"].annotation)  # else os.type itself is reported
+    context = validation_context(base_dir if base_dir is not None else Path.cwd(), os_type if known_os else None)
     try:
-        recipe = Recipe.model_validate(body)
+        recipe = Recipe.model_validate(body, context=context)
     except ValidationError as exc:
-        for err in exc.errors():
-            problems.append(f"{_format_loc(tuple(err['loc']), body)}: {_message(err)}")
+        problems.extend(recipe_errors.problems(exc, body, "", _KNOWN_KEYS))
         recipe = None
     if problems:
         n = len(problems)
@@ -612,7 +380,7 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
 def load(ref: str | Path, now: _dt.datetime | None = None) -> Recipe:
     """Load a recipe by name (search path) or by file path, resolving ``extends``."""
     data, path = _resolve_raw(ref)
-    return validate_data(data, str(path), now)
+    return validate_data(data, str(path), now, base_dir=path.parent)
 
 
 def list_recipes() -> list[tuple[str, Path, dict[str, Any]]]:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from imagekit import __version__
+from imagekit.accel import AccelChoice
 from imagekit.guest import GuestSession, open_image
 
 # libguestfs distro id -> purl namespace (vendor)
@@ -160,7 +161,7 @@ def guest_info(s: GuestSession) -> dict[str, Any]:
     return info
 
 
-def inspect_guest(path: str | os.PathLike[str], fmt: str, *, accel: str | None = None) -> dict[str, Any]:
+def inspect_guest(path: str | os.PathLike[str], fmt: str, *, accel: str | AccelChoice | None = None) -> dict[str, Any]:
     """Open ``path`` (format ``fmt``: qcow2 or raw) read-only and return :func:`guest_info`."""
     with open_image(path, readonly=True, fmt=fmt, accel=accel) as s:
         return guest_info(s)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from imagekit.recipe import Step
+from imagekit.steps import Step
 from tests import guest_image
 
 pytestmark = guest_image.NEEDS_GUEST
@@ -498,14 +498,16 @@ def test_cli_invalid_step_is_a_usage_error(cli_image: Path) -> None:
 
 
 def test_cli_failing_step_exit_code_and_json(cli_image: Path, tmp_path: Path) -> None:
+    # A step that cannot be done (here: it requires the network and the run has none; a missing
+    # upload source, used before, is now refused when --step is validated, exit 2).
     before = sha256(cli_image)
-    proc = _cli("customise", str(cli_image), "-o", str(tmp_path / "o.qcow2"), "--json",
+    proc = _cli("customise", str(cli_image), "-o", str(tmp_path / "o.qcow2"), "--json", "--no-network",
                 "--step", "{op: hostname, hostname: x}",
-                "--step", f"{{op: upload, src: {tmp_path / 'nope'}, dest: /opt/nope}}")
+                "--step", "{op: install, packages: [tree]}")
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
-    assert data["ok"] is False and data["step"] == 1 and data["op"] == "upload"
-    assert "step 1 (upload)" in proc.stderr
+    assert data["ok"] is False and data["step"] == 1 and data["op"] == "install"
+    assert "step 1 (install)" in proc.stderr
     assert sha256(cli_image) == before
 
 
@@ -516,6 +518,16 @@ def test_cli_recipe_steps(cli_image: Path, tmp_path: Path) -> None:
         "build: {method: dib, elements: [vm]}\ndisk_size: 2G\n"
         "customise:\n  - {op: chmod, path: /etc/hostname, mode: '999'}\n")
     proc = _cli("customise", str(cli_image), "--recipe", str(recipe), "-o", str(tmp_path / "o.qcow2"), "--json")
+    # a bad mode is found when the recipe is loaded, before anything is launched (it used to fail
+    # at step 0, exit 1, after the appliance had started)
+    assert proc.returncode == 2
+    data = json.loads(proc.stdout)
+    assert any(p.startswith("customise[0].mode: ") and "octal" in p for p in data["problems"]), data
+    # a recipe's step that cannot be done is named by its index in the recipe
+    recipe.write_text(recipe.read_text().replace("{op: chmod, path: /etc/hostname, mode: '999'}",
+                                                 "{op: install, packages: [tree]}"))
+    proc = _cli("customise", str(cli_image), "--recipe", str(recipe), "-o", str(tmp_path / "o.qcow2"), "--json",
+                "--no-network")
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
-    assert data["step"] == 0 and "octal" in data["error"]
+    assert data["step"] == 0 and data["op"] == "install" and "network" in data["error"]

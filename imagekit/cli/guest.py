@@ -14,46 +14,9 @@ from imagekit.cli.output import (
     out_console,
     state,
 )
-from imagekit.cli.root import cli
-from imagekit.errors import RecipeError, UsageError
+from imagekit.cli.root import accel_choice, cli
+from imagekit.errors import UsageError
 from imagekit.formats import registry
-
-
-def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
-    """``--step`` values (JSON or YAML mappings) validated with the recipe's Step model."""
-    import yaml
-    from pydantic import TypeAdapter, ValidationError
-
-    from imagekit import recipe as rec
-
-    adapter: TypeAdapter[Any] = TypeAdapter(rec.Step)
-    steps: list[Any] = []
-    problems: list[str] = []
-    for n, text in enumerate(texts):
-        where = f"step[{first_index + n}]"
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            problems.append(f"{where}: not valid JSON or YAML: {getattr(exc, 'problem', None) or exc}")
-            continue
-        if not isinstance(data, dict):
-            problems.append(f"{where}: expected a mapping such as '{{op: hostname, hostname: web01}}'")
-            continue
-        try:
-            steps.append(adapter.validate_python(data))
-        except ValidationError as exc:
-            for err in exc.errors():
-                parts = list(err["loc"])
-                if parts and parts[0] == data.get("op"):
-                    parts = parts[1:]  # the tag pydantic adds for the discriminated union
-                loc = where + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts)
-                problems.append(f"{loc}: {rec._message(err)}")
-    if problems:
-        n = len(problems)
-        raise RecipeError(f"--step: {n} problem{'s' if n != 1 else ''}",
-                          "each --step is one customise step, e.g. --step '{op: hostname, hostname: web01}'",
-                          problems)
-    return steps
 
 
 @cli.command("customise")
@@ -70,13 +33,16 @@ def _parse_steps(texts: tuple[str, ...], first_index: int) -> list[Any]:
 def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...], in_place: bool,
                   output: str | None, out_format: str, no_network: bool, force: bool) -> None:
     """Apply customise steps to IMAGE offline (libguestfs), into -o OUTPUT or --in-place."""
+    from pathlib import Path
+
     from imagekit import customise as cust
     from imagekit import recipe as rec
+    from imagekit.steps import parse_step_texts
 
     steps: list[Any] = []
     if recipe_ref:
         steps.extend(rec.load(recipe_ref).customise)
-    steps.extend(_parse_steps(step_texts, len(steps)))
+    steps.extend(parse_step_texts(step_texts, Path.cwd(), len(steps)))
     if not steps:
         raise UsageError("no steps to apply", "give --recipe R (with a customise: list) and/or --step ...")
     if in_place == (output is not None):
@@ -89,8 +55,9 @@ def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...
             err_console.print(f"{mark} step {r.index} ({r.op}) {r.duration:.1f} s: {r.summary}",
                               markup=True, highlight=False)
 
-    results = cust.customise(image, steps, in_place=in_place, output=output, output_format=out_format,
-                             network=not no_network, overwrite=force, log=on_step)
+    target = cust.OutputSpec(output, out_format, overwrite=force) if output is not None else None
+    results = cust.customise(image, steps, in_place=in_place, output=target, network=not no_network,
+                             accel=accel_choice(), log=on_step)
     data = {"ok": True, "image": image, "output": output, "in_place": in_place,
             "steps": [r.to_dict() for r in results]}
 
@@ -113,7 +80,7 @@ def guest_inspect_cmd(image: str, sbom: str | None) -> None:
 
     fmt = detect_format(image)
     ensure_safe(image, fmt)
-    info = sb.inspect_guest(image, fmt)
+    info = sb.inspect_guest(image, fmt, accel=accel_choice())
     if sbom:
         doc = sb.SBOM_FORMATS[sbom](info)
         click.echo(json.dumps(doc, indent=2))
