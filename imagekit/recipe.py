@@ -335,12 +335,6 @@ def _copy(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _message(err: Any) -> str:
-    """One pydantic error in a recipe author's words (kept for ``cli._parse_steps`` until it calls
-    ``steps.parse_step_texts``)."""
-    return recipe_errors.message(err, _KNOWN_KEYS)
-
-
 def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datetime | None = None, *,
                   base_dir: str | os.PathLike[str] | None = None) -> Recipe:
     """Validate a merged recipe mapping; raise RecipeError listing every problem.
