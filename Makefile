@@ -21,9 +21,9 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - run the main job end to end on local defaults"
-	@echo "make test   - run the whole test suite"
+	@echo "make test   - lint (ruff, mypy), then the whole test suite"
 	@echo "make bench  - benchmarks against reference tools"
-	@echo "make lint   - ruff + mypy on imagekit/"
+	@echo "make lint   - ruff (complexity, argument count) + mypy on imagekit/"
 	@echo "make setup  - install apt packages and the venv (every target does this first)"
 
 setup: $(STAMP_PIP)
@@ -50,7 +50,7 @@ $(STAMP_PIP): $(STAMP_APT) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,server]' --config-settings editable_mode=compat
 	@touch $@
 
-test: setup
+test: setup lint
 	@mkdir -p $(VENV)/tmp
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
