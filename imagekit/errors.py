@@ -19,6 +19,9 @@ class ImagekitError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # what the failing command had produced (e.g. the stages of a build): the CLI puts it in
+        # the --json document next to the error
+        self.partial: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"error": self.message, "hint": self.hint, "kind": type(self).__name__, "code": self.code}

@@ -32,7 +32,7 @@ from imagekit.artifact import Artifact
 from imagekit.builders.base import BaseImage, BuildContext, Builder, BuildError, ToolVersions, run_builder
 from imagekit.check import check
 from imagekit.convert import SUFFIX, ConvertOptions, convert
-from imagekit.errors import UnsafeImageError
+from imagekit.errors import ImagekitError, UnsafeImageError
 from imagekit.run import run as run_program
 from imagekit.run import version_of
 from imagekit.specs import parse_size
@@ -202,11 +202,15 @@ def build(recipe: Recipe, output_dir: Path, options: BuildOptions, *, phase: Pha
     started = time.monotonic()
     run = _Run(recipe, options, builders.get(recipe.build.method), tool_versions(), phase or _quiet)
     output_dir.mkdir(parents=True, exist_ok=True)
-    base_entry, base = _build_stage(run)
-    cust_entry, cust = _customise_stage(run, base_entry, base)
-    conv_entry, conv = _convert_stage(run, cust_entry)
-    artifact, checked = _check_stage(run, conv_entry, conv, output_dir)
-    uploaded = _upload_stage(run, Path(artifact.path)) if options.upload_cloud else None
+    try:
+        base_entry, base = _build_stage(run)
+        cust_entry, cust = _customise_stage(run, base_entry, base)
+        conv_entry, conv = _convert_stage(run, cust_entry)
+        artifact, checked = _check_stage(run, conv_entry, conv, output_dir)
+        uploaded = _upload_stage(run, Path(artifact.path)) if options.upload_cloud else None
+    except ImagekitError as exc:  # the stages that ran go into the failure's --json document
+        exc.partial = {"recipe": recipe.name, "stages": [s.to_dict() for s in run.stages]}
+        raise
     doc = manifest.Manifest(
         imagekit=__version__, recipe=manifest.RecipeRef.of(recipe),
         inputs=base.inputs + manifest.recipe_inputs(recipe), elements=base.elements, tools=run.tools,

@@ -29,6 +29,8 @@ def _isolated_dirs(session_cache: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("IMAGEKIT_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("IMAGEKIT_RECIPE_PATH", raising=False)
     monkeypatch.delenv("IMAGEKIT_ACCEL", raising=False)
+    # a --json result that does not match its command's declared type fails the test
+    monkeypatch.setenv("IMAGEKIT_STRICT_RESULTS", "1")
 
 
 @dataclass

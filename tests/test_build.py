@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from imagekit import boot
 from imagekit.cloud import connect
 from tests.conftest import ROOT
 from tests.http_fixture import FileServer
+from tests.json_contract import assert_document
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="image builds need root")]
 
@@ -28,7 +28,7 @@ def run_build(*args: str, env: dict[str, str], timeout: float = 1800) -> dict[st
     proc = subprocess.run([sys.executable, "-m", "imagekit", "--json", "build", *args], capture_output=True,
                           text=True, env={**os.environ, **env}, cwd=ROOT, timeout=timeout)
     assert proc.returncode == 0, f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    data: dict[str, Any] = json.loads(proc.stdout)
+    data: dict[str, Any] = assert_document("build", proc.stdout)
     return data
 
 
@@ -84,9 +84,11 @@ def test_debian_uploaded_to_local_glance(debian: dict[str, Any], glance_env: Any
 
 
 def test_debian_boots_to_cloud_init(debian: dict[str, Any]) -> None:
-    res = boot.boot(debian["output"]["path"], "qcow2", timeout=900, wait_for="cloud-init")
-    assert res.ok, res.console_tail
-    assert "login" in res.reached or "cloud-init" in res.reached
+    proc = subprocess.run([sys.executable, "-m", "imagekit", "--json", "boot", debian["output"]["path"], "--timeout",
+                           "900", "--wait-for", "cloud-init"], capture_output=True, text=True, cwd=ROOT, timeout=1000)
+    res = assert_document("boot", proc.stdout)
+    assert proc.returncode == 0 and res["ok"], res.get("console_tail") or proc.stderr[-3000:]
+    assert "login" in res["reached"] or "cloud-init" in res["reached"]
 
 
 def test_unchanged_recipe_is_a_cache_hit(debian: dict[str, Any], build_env: dict[str, str],

@@ -29,7 +29,7 @@ def test_recipes_list_text_and_json(imagekit) -> None:
     names = [line.split()[0] for line in text.out.splitlines()]
     assert {"centos7", "debian-12", "ubuntu-24.04", "ubuntu-22.04", "windows-server-2022"} <= set(names)
     assert "linux-base" not in names  # abstract recipes are not listed as buildable
-    rows = imagekit("--json", "recipes", "list").json()
+    rows = imagekit("--json", "recipes", "list").json()["recipes"]
     by_name = {r["name"]: r for r in rows}
     assert by_name["ubuntu-22.04"]["method"] == "cloud-image" and by_name["linux-base"]["abstract"] is True
 
@@ -70,7 +70,7 @@ def test_unknown_recipe_is_exit_2_with_hint(imagekit) -> None:
     assert r.err.splitlines()[0] == "error: no recipe named 'debian12'"
     assert r.err.splitlines()[1] == "hint: did you mean debian-12?"
     j = imagekit("--json", "recipes", "show", "debian12")
-    assert j.code == 2 and j.json()["error"] == "no recipe named 'debian12'"
+    assert j.code == 2 and j.json()["error"]["message"] == "no recipe named 'debian12'"
 
 
 def test_bad_usage_is_exit_2(imagekit) -> None:

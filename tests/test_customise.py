@@ -24,6 +24,7 @@ from pydantic import TypeAdapter
 
 from imagekit.steps import Step
 from tests import guest_image
+from tests.json_contract import assert_document
 
 pytestmark = guest_image.NEEDS_GUEST
 
@@ -478,7 +479,7 @@ def cli_image(base_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_cli_customise_in_place(cli_in_place: subprocess.CompletedProcess[str], result: Readback) -> None:
     assert cli_in_place.returncode == 0, cli_in_place.stderr
-    data = json.loads(cli_in_place.stdout)
+    data = assert_document("customise", cli_in_place.stdout)
     assert data["ok"] is True and data["in_place"] is True and data["output"] is None
     assert [s["op"] for s in data["steps"]] == ["write", "root-password"]
     assert all(s["ok"] for s in data["steps"])
@@ -492,7 +493,7 @@ def test_cli_invalid_step_is_a_usage_error(cli_image: Path) -> None:
     assert proc.returncode == 2
     data = json.loads(proc.stdout)
     assert data["ok"] is False
-    assert any("hostname" in p and "required" in p for p in data["problems"]), data
+    assert any("hostname" in p and "required" in p for p in data["error"]["problems"]), data
     proc = _cli("customise", str(cli_image), "-o", "/tmp/never.qcow2", "--step", "{op: frobnicate}")
     assert proc.returncode == 2 and "frobnicate" in proc.stderr
 
@@ -506,7 +507,7 @@ def test_cli_failing_step_exit_code_and_json(cli_image: Path, tmp_path: Path) ->
                 "--step", "{op: install, packages: [tree]}")
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
-    assert data["ok"] is False and data["step"] == 1 and data["op"] == "install"
+    assert data["ok"] is False and data["error"]["step"] == 1 and data["error"]["op"] == "install"
     assert "step 1 (install)" in proc.stderr
     assert sha256(cli_image) == before
 
@@ -522,7 +523,7 @@ def test_cli_recipe_steps(cli_image: Path, tmp_path: Path) -> None:
     # at step 0, exit 1, after the appliance had started)
     assert proc.returncode == 2
     data = json.loads(proc.stdout)
-    assert any(p.startswith("customise[0].mode: ") and "octal" in p for p in data["problems"]), data
+    assert any(p.startswith("customise[0].mode: ") and "octal" in p for p in data["error"]["problems"]), data
     # a recipe's step that cannot be done is named by its index in the recipe
     recipe.write_text(recipe.read_text().replace("{op: chmod, path: /etc/hostname, mode: '999'}",
                                                  "{op: install, packages: [tree]}"))
@@ -530,4 +531,4 @@ def test_cli_recipe_steps(cli_image: Path, tmp_path: Path) -> None:
                 "--no-network")
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
-    assert data["step"] == 0 and data["op"] == "install" and "network" in data["error"]
+    assert data["error"]["step"] == 0 and data["error"]["op"] == "install" and "network" in data["error"]["message"]

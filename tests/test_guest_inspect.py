@@ -17,6 +17,7 @@ import pytest
 
 from imagekit import sbom
 from tests import guest_image
+from tests.json_contract import assert_document
 
 needs_guest = guest_image.NEEDS_GUEST
 
@@ -98,6 +99,12 @@ class TestRealImage:
         bom = json.loads(proc.stdout)
         assert bom["bomFormat"] == "CycloneDX"
         assert any(c["name"] == "apt" for c in bom["components"])
+        proc = subprocess.run([sys.executable, "-m", "imagekit", "guest-inspect", str(image), "--json"],
+                              capture_output=True, text=True, timeout=400,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+        assert proc.returncode == 0, proc.stderr
+        report = assert_document("guest-inspect", proc.stdout)
+        assert report["os"]["distro"] == "debian" and report["package_count"] > 100
 
 
 class TestGuestErrors:

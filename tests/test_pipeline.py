@@ -94,7 +94,7 @@ def test_cache_prune(served: FileServer, tmp_path: Path, imagekit) -> None:
     sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
     pipeline.build(recipe_for(tmp_path, served, sha), tmp_path / "out", options())
     env = {"IMAGEKIT_CACHE_DIR": str(tmp_path / "cache")}
-    listed = imagekit("cache", "list", "--json", env=env).json()
+    listed = imagekit("cache", "list", "--json", env=env).json()["entries"]
     assert len(listed) == 3 and {e["recipe"] for e in listed} == {"tiny"}  # type: ignore[union-attr]
     dry = imagekit("cache", "prune", "--recipe", "tiny", "--dry-run", env=env)
     assert dry.code == 0 and len(cached_entries()) == 3
@@ -121,3 +121,18 @@ def test_unsafe_or_mislabelled_base_is_refused(served: FileServer, tmp_path: Pat
     assert "format-mismatch" in str(exc.value)
     assert cached_entries() == []
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_failed_build_json_keeps_the_stages_that_ran(served: FileServer, tmp_path: Path, imagekit) -> None:
+    """A build that fails in customise (this base has no OS for the hostname step) prints one --json
+    document: the error, and the stages that ran before it (the base was built)."""
+    from tests.json_contract import assert_document
+
+    sha = hashlib.sha256((served.root / "base.qcow2").read_bytes()).hexdigest()
+    recipe_for(tmp_path, served, sha, "customise:\n  - {op: hostname, hostname: web1}\n")
+    res = imagekit("--json", "build", str(tmp_path / "tiny.yaml"), "--output-dir", str(tmp_path / "out"),
+                   env={"IMAGEKIT_CACHE_DIR": str(tmp_path / "cache"), "IMAGEKIT_ACCEL": "tcg"})
+    assert res.code == 1, res.err
+    doc = assert_document("build", res.out)
+    assert doc["ok"] is False and doc["error"]["message"]
+    assert [s["name"] for s in doc["stages"]] == ["build"] and doc["recipe"] == "tiny"

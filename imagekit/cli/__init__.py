@@ -22,6 +22,7 @@ import click
 from imagekit import signals
 from imagekit.cli import build as _build  # noqa: F401 - registers the commands
 from imagekit.cli import doctor as _doctor  # noqa: F401
+from imagekit.cli import document
 from imagekit.cli import glance as _glance  # noqa: F401
 from imagekit.cli import guest as _guest  # noqa: F401
 from imagekit.cli import images as _images  # noqa: F401
@@ -44,7 +45,8 @@ __all__ = ["cli", "main"]
 
 
 def _fail(st: State, as_json: bool, code: str, message: str, hint: str | None, exit_code: int) -> NoReturn:
-    finish_failure(st, as_json, {"ok": False, "error": message, "hint": hint, "code": code})
+    error = document.error_object({"code": code, "message": message, "hint": hint, "kind": code}, exit_code)
+    finish_failure(st, as_json, error)
     sys.exit(exit_code)
 
 
@@ -53,13 +55,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     st = State()
     debug = "--debug" in args
     signals.install()
+    st.command = document.command_path(cli, args)
     try:
         cli.main(args=args, prog_name="imagekit", standalone_mode=False, obj=st)
     except ImagekitError as exc:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
         report_error(exc)
-        finish_failure(st, st.json or "--json" in args, {"ok": False, **exc.to_dict()})
+        finish_failure(st, st.json or "--json" in args, document.error_object(exc, exc.exit_code),
+                       getattr(exc, "partial", None))
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         err_console.print("interrupted", markup=False)

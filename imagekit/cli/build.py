@@ -11,12 +11,14 @@ from imagekit.cli.output import (
     human_bytes,
     json_option,
     out_console,
+    result_type,
 )
 from imagekit.cli.root import accel_choice, cli
 from imagekit.errors import ImagekitError, UsageError
 
 
 @cli.command()
+@result_type("imagekit.cli.results:BuildResultOut", "build")
 @click.argument("recipe_ref", metavar="RECIPE")
 @click.option("--output-dir", type=click.Path(file_okay=False), default="out", show_default=True)
 @click.option("--upload", is_flag=True, help="Upload the image to Glance after a successful build.")
@@ -64,6 +66,7 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
 
 
 @cli.command("boot")
+@result_type("imagekit.boot:BootResult", "boot")
 @click.argument("image", type=click.Path(exists=False))
 @click.option("--wait-for", type=click.Choice(["login", "cloud-init"]), default="cloud-init", show_default=True)
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds.")
@@ -106,6 +109,7 @@ def cache() -> None:
 
 
 @cache.command("list")
+@result_type("imagekit.cli.results:CacheList", "cache list")
 @json_option
 def cache_list() -> None:
     """List cache entries with their size and last use."""
@@ -120,10 +124,11 @@ def cache_list() -> None:
             out_console.print(f"{r['entry']:<44} {r['recipe'] or '?':<20} {human_bytes(r['disk_bytes']):>10}  "
                               f"last used {r['last_used']}", markup=False)
 
-    emit(rows, human)
+    emit({"entries": rows}, human)
 
 
 @cache.command("prune")
+@result_type("imagekit.cli.results:CachePruneResult", "cache prune")
 @click.option("--all", "everything", is_flag=True, help="Remove every entry.")
 @click.option("--recipe", help="Remove the entries of one recipe.")
 @click.option("--older-than", metavar="DAYS", type=float, help="Remove entries unused for DAYS days.")

@@ -8,6 +8,7 @@ from imagekit.cli.output import (
     emit,
     json_option,
     out_console,
+    result_type,
     state,
 )
 from imagekit.cli.root import cli
@@ -15,6 +16,7 @@ from imagekit.errors import ImagekitError
 
 
 @cli.command()
+@result_type("imagekit.cli.results:DoctorResult", "doctor")
 @click.option("--no-appliance", is_flag=True, help="Skip launching the libguestfs appliance (saves ~20 s).")
 @click.option("--reprobe", is_flag=True, help="Probe KVM again instead of using the cached result.")
 @json_option

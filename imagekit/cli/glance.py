@@ -10,6 +10,7 @@ from imagekit.cli.output import (
     emit,
     json_option,
     out_console,
+    result_type,
 )
 from imagekit.cli.root import cli
 
@@ -20,6 +21,7 @@ def glance_group() -> None:
 
 
 @glance_group.command("serve")
+@result_type("imagekit.glance_server:ServerInfo", "glance serve")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port on 127.0.0.1 (default: a free one).")
 @click.option("--dir", "data_dir", type=click.Path(file_okay=False), help="Data directory (default: under the "
               "imagekit state directory).")
@@ -44,6 +46,7 @@ def glance_serve(port: int | None, data_dir: str | None, clouds_yaml: str | None
 
 
 @glance_group.command("stop")
+@result_type("imagekit.cli.results:GlanceStopResult", "glance stop")
 @json_option
 def glance_stop() -> None:
     """Stop the local Glance (SIGTERM to its PID, then wait)."""
@@ -55,6 +58,7 @@ def glance_stop() -> None:
 
 
 @glance_group.command("status")
+@result_type("imagekit.glance_server:ServerInfo | imagekit.cli.results:GlanceNotRunning", "glance status")
 @json_option
 def glance_status() -> None:
     """Show whether the local Glance runs (exit 1 when it does not)."""
@@ -70,6 +74,7 @@ def glance_status() -> None:
 
 
 @glance_group.command("env")
+@result_type("imagekit.cli.results:GlanceEnvResult", "glance env")
 @json_option
 def glance_env() -> None:
     """Print shell exports for clients that read no clouds.yaml: eval "$(imagekit glance env)" then e.g. glance image-list."""

@@ -12,6 +12,7 @@ from imagekit.cli.output import (
     err_console,
     json_option,
     out_console,
+    result_type,
     state,
 )
 from imagekit.cli.root import accel_choice, cli
@@ -20,6 +21,7 @@ from imagekit.formats import registry
 
 
 @cli.command("customise")
+@result_type("imagekit.cli.results:CustomiseResult", "customise")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--recipe", "recipe_ref", metavar="R", help="Apply the customise: steps of recipe R (name or path).")
 @click.option("--step", "step_texts", multiple=True, metavar="JSON_OR_YAML",
@@ -69,6 +71,7 @@ def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...
 
 
 @cli.command("guest-inspect")
+@result_type("imagekit.cli.results:GuestInfo", "guest-inspect")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--sbom", type=click.Choice(["cyclonedx", "spdx"]),
               help="Print an SBOM (CycloneDX 1.5 or SPDX 2.3 JSON) instead of the report.")

@@ -11,6 +11,7 @@ from imagekit.cli.output import (
     json_option,
     out_console,
     print_findings,
+    result_type,
     size_option,
 )
 from imagekit.cli.root import cli
@@ -18,6 +19,7 @@ from imagekit.formats import registry
 
 
 @cli.command()
+@result_type("imagekit.cli.results:InspectResult | imagekit.cli.results:GuestInfo", "inspect")
 @click.argument("image", type=click.Path(dir_okay=True))
 @click.option("--deep", is_flag=True, help="Walk every qcow2 table for the allocation summary.")
 @click.option("--guest", is_flag=True, help="Look inside (libguestfs): OS, kernels, agents, packages.")
@@ -68,15 +70,24 @@ def inspect(ctx: click.Context, image: str, deep: bool, guest: bool, sbom: str |
 
 
 @cli.command("check")
-@click.argument("image", type=click.Path(dir_okay=True))
+@result_type("imagekit.cli.results:CheckResult | imagekit.cli.results:CodeList", "check")
+@click.argument("image", type=click.Path(dir_okay=True), required=False)
 @click.option("--format", "declared", metavar="FMT", help="The format you believe IMAGE has (refused if it differs).")
 @click.option("--max-virtual-size", metavar="SIZE", help="Reject images whose virtual size is larger (e.g. 200G).")
 @click.option("--shallow", is_flag=True, help="qcow2: header and tables only, do not walk L2 tables and refcounts.")
+@click.option("--list-codes", is_flag=True, help="List every finding code and what it means (no IMAGE).")
 @json_option
-def check_cmd(image: str, declared: str | None, max_virtual_size: str | None, shallow: bool) -> None:
+def check_cmd(image: str | None, declared: str | None, max_virtual_size: str | None, shallow: bool,
+              list_codes: bool) -> None:
     """Check IMAGE: verdict accept, warn or reject, with every finding. Exit 0 accept/warn, 3 reject, 1 unreadable."""
     from imagekit.check import check
-    from imagekit.errors import UnsafeImageError
+    from imagekit.errors import UnsafeImageError, UsageError
+
+    if list_codes:
+        _list_codes()
+        return
+    if image is None:
+        raise UsageError("give the IMAGE to check", "imagekit check IMAGE [--format FMT]; --list-codes lists the codes")
 
     v = check(image, declared=declared, max_virtual_size=size_option(max_virtual_size), deep=not shallow)
     data = v.to_dict()
@@ -93,6 +104,7 @@ def check_cmd(image: str, declared: str | None, max_virtual_size: str | None, sh
 
 
 @cli.command()
+@result_type("imagekit.cli.results:ConvertResult", "convert")
 @click.argument("source", metavar="INPUT", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), help="Output file (default: next to INPUT, new extension).")
 @click.option("-O", "--out-format", type=click.Choice(registry.output_names()), default="qcow2",
@@ -131,3 +143,14 @@ def convert(source: str, output: str | None, out_format: str, compat: str, clust
         print_findings([f.to_dict() for f in result.output_verdict.findings if f.severity != "info"])
 
     emit(data, human)
+
+
+def _list_codes() -> None:
+    from imagekit.finding_codes import CODES
+
+    rows = [{"code": c, "meaning": m} for c, m in CODES.items()]
+    def human() -> None:
+        for r in rows:
+            out_console.print(f"{r['code']:<32} {r['meaning']}", markup=False, highlight=False)
+
+    emit({"codes": rows}, human)

@@ -11,7 +11,6 @@ silent with ``--json`` or when stderr is not a terminal.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -60,6 +59,7 @@ class State:
         self.debug = debug
         self.accel = accel
         self.document: Any = _NO_DOCUMENT
+        self.command: str | None = None  # the command path ("cache list")
 
     @property
     def has_document(self) -> bool:
@@ -82,10 +82,16 @@ def current() -> State | None:
 
 
 def emit(data: Any, human: Callable[[], None] | None = None) -> None:
-    """Hand over the command's result: kept as the JSON document with --json, else rendered now."""
+    """Hand over the command's result: kept for the JSON document with --json (validated against
+    the command's declared result type), else rendered now for people."""
+    from imagekit.cli import document
+
     st = state()
     if st.json or human is None:
-        st.document = data
+        ctx = click.get_current_context(silent=True)
+        key = getattr(ctx.command.callback, "__imagekit_result__", None) if ctx is not None else None
+        st.document = document.normalise(resolve_type(RESULT_TYPES[key]), data) if key in RESULT_TYPES \
+            else document.to_jsonable(data)
     else:
         human()
 
@@ -105,68 +111,58 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 # ---------------------------------------------------------------- result types (the --json contract)
 
-# command path ("check", "cache list") -> the type of its --json result (a dataclass or pydantic model);
-# docs/schemas/ is generated from these (imagekit.cli.schemas), so the schema and the code cannot drift.
-RESULT_TYPES: dict[str, Any] = {}
+# command path ("check", "cache list") -> the type of its --json result, as "module:Name" references
+# ("a:X | b:Y" for a union), imported only when a document is made or the schemas are generated, so
+# quick commands do not pay for importing every result type. docs/schemas/ is generated from these
+# (imagekit.cli.schemas): the schemas and the code cannot drift.
+RESULT_TYPES: dict[str, str] = {}
 
 
-def result_type(tp: Any, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Declare the type of a command's ``--json`` result (put it under the ``@cli.command`` decorator).
-
-    ``name`` is the command path ("cache list"); by default the function's name with ``_`` as
-    spaces and a trailing ``_cmd`` dropped.
-    """
+def result_type(ref: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the type of the ``--json`` result of command ``name`` (put it under ``@cli.command``)."""
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
-        key = name or f.__name__.removesuffix("_cmd").replace("_", " ")
-        RESULT_TYPES[key] = tp
-        f.__imagekit_result__ = key  # type: ignore[attr-defined]
+        RESULT_TYPES[name] = ref
+        f.__imagekit_result__ = name  # type: ignore[attr-defined]
         return f
 
     return mark
 
 
+def resolve_type(ref: str) -> Any:
+    """The type a ``result_type`` reference names (a union for ``a:X | b:Y``)."""
+    import functools
+    import importlib
+    import operator
+
+    types = []
+    for part in ref.split("|"):
+        module, _, attr = part.strip().partition(":")
+        types.append(getattr(importlib.import_module(module), attr))
+    return functools.reduce(operator.or_, types)
+
+
 # ---------------------------------------------------------------- the document
 
 
-def error_object(exc: ImagekitError) -> dict[str, Any]:
-    return {"ok": False, **exc.to_dict()}
+def finish_success(st: State) -> None:
+    from imagekit.cli import document
+
+    if st.json:
+        result = st.document if st.has_document else None
+        document.write(document.document(st.command, result, True, None))
 
 
-def to_jsonable(obj: Any) -> Any:
-    """A result as JSON data: pydantic models and dataclasses through pydantic (the same
-    serialiser the published schemas come from), ``to_dict()`` where a type has one."""
-    import dataclasses
+def finish_failure(st: State, as_json: bool, error: dict[str, Any], partial: dict[str, Any] | None = None) -> None:
+    """With --json: the document (the result produced so far, the error's partial result) with the error."""
+    from imagekit.cli import document
 
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        from pydantic import TypeAdapter
-
-        return TypeAdapter(type(obj)).dump_python(obj, mode="json")
-    return obj
-
-
-def write_document(doc: Any) -> None:
-    click.echo(json.dumps(to_jsonable(doc), indent=2, sort_keys=False, default=str))
-
-
-def finish_success(st: State | None) -> None:
-    if st is not None and st.has_document:
-        write_document(st.document)
-
-
-def finish_failure(st: State | None, as_json: bool, err: dict[str, Any]) -> None:
-    """With --json: the document with the error merged in (or the error alone) on stdout."""
     if not as_json:
         return
-    doc = to_jsonable(st.document) if st is not None and st.has_document else None
-    if isinstance(doc, dict):
-        write_document({**doc, **err})
-    elif doc is not None:
-        write_document({"result": doc, **err})
-    else:
-        write_document(err)
+    result = st.document if st.has_document else None
+    body = dict(result) if isinstance(result, dict) else ({} if result is None else {"result": result})
+    body.update(partial or {})
+    document.write(document.document(st.command, body, False, error))
 
 
 def report_error(exc: ImagekitError) -> None:

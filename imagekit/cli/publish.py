@@ -11,6 +11,7 @@ from imagekit.cli.output import (
     json_option,
     out_console,
     print_lint,
+    result_type,
     size_option,
     state,
 )
@@ -20,6 +21,7 @@ _VISIBILITIES = ["private", "shared", "community", "public"]
 
 
 @cli.command()
+@result_type("imagekit.glance:UploadResult | imagekit.cli.results:LintResult", "upload")
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
 @click.option("--cloud", metavar="NAME", help="Cloud from clouds.yaml (default: OS_CLOUD, then the OS_* variables).")
 @click.option("--name", help="Image name (default: the recipe's glance.name, else the file name).")
@@ -110,6 +112,7 @@ def properties() -> None:
 
 
 @properties.command("lint")
+@result_type("imagekit.cli.results:LintResult", "properties lint")
 @click.option("--recipe", metavar="R", help="Recipe whose os/glance sections give the properties.")
 @click.option("--property", "props", multiple=True, metavar="KEY=VALUE", help="Extra or overriding property.")
 @json_option
@@ -143,6 +146,7 @@ def properties_lint(recipe: str | None, props: tuple[str, ...]) -> None:
 
 
 @properties.command("rules")
+@result_type("imagekit.cli.results:RulesResult", "properties rules")
 @json_option
 def properties_rules() -> None:
     """List the linter's rules."""
@@ -152,7 +156,7 @@ def properties_rules() -> None:
         for k, v in RULES.items():
             out_console.print(f"{k}  {v}", markup=False)
 
-    emit(RULES, human)
+    emit({"rules": RULES}, human)
 
 
 @cli.group()
@@ -161,6 +165,7 @@ def images() -> None:
 
 
 @images.command("list")
+@result_type("imagekit.cli.results:ImageList", "images list")
 @click.option("--cloud", metavar="NAME", help="Cloud from clouds.yaml (default: OS_CLOUD / OS_* variables).")
 @click.option("--name-prefix", metavar="P", help="Only images whose name starts with P.")
 @json_option
@@ -178,10 +183,11 @@ def images_list(cloud: str | None, name_prefix: str | None) -> None:
             out_console.print(f"{r['id']}  {str(r['name']):<30} {r['status']:<11} {str(r['disk_format']):<6} "
                               f"{human_bytes(r.get('size')):>10}  {r['created_at']}  {flags}", markup=False)
 
-    emit(rows, human)
+    emit({"images": rows}, human)
 
 
 @images.command("prune")
+@result_type("imagekit.cli.results:PruneResult", "images prune")
 @click.option("--cloud", metavar="NAME", help="Cloud from clouds.yaml (default: OS_CLOUD / OS_* variables).")
 @click.option("--name-prefix", metavar="P", required=True, help="Images whose name starts with P.")
 @click.option("--keep", type=click.IntRange(0), required=True, help="How many of the newest to keep.")

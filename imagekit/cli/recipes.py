@@ -10,6 +10,7 @@ from imagekit.cli.output import (
     emit,
     json_option,
     out_console,
+    result_type,
 )
 from imagekit.cli.root import cli
 from imagekit.errors import RecipeError, UsageError
@@ -21,6 +22,7 @@ def recipes() -> None:
 
 
 @recipes.command("list")
+@result_type("imagekit.cli.results:RecipeList", "recipes list")
 @json_option
 def recipes_list() -> None:
     """List the recipes in the search path (IMAGEKIT_RECIPE_PATH, then recipes/)."""
@@ -47,10 +49,11 @@ def recipes_list() -> None:
             state = "" if r["valid"] else "  (invalid: run 'imagekit recipes validate')"
             out_console.print(f"{r['name']:<22} {r['method'] or '?':<12} {r['description'] or ''}{state}", markup=False)
 
-    emit(rows, human)
+    emit({"recipes": rows}, human)
 
 
 @recipes.command("show")
+@result_type("imagekit.cli.results:RecipeShow", "recipes show")
 @click.argument("name")
 @json_option
 def recipes_show(name: str) -> None:
@@ -69,6 +72,7 @@ def recipes_show(name: str) -> None:
 
 
 @recipes.command("validate")
+@result_type("imagekit.cli.results:ValidateResult", "recipes validate")
 @click.argument("refs", nargs=-1)
 @json_option
 def recipes_validate(refs: tuple[str, ...]) -> None:
