@@ -31,10 +31,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from imagekit import builders, paths, recipe_errors
+from imagekit import builders, confine, paths, recipe_errors, recipe_yaml
 from imagekit.builders import Build
 from imagekit.errors import RecipeError
 from imagekit.specs import Source, StrictBool, StrictInt, format_size, parse_size  # noqa: F401 - re-exported
@@ -187,27 +186,8 @@ def _recipe_files() -> dict[str, Path]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise RecipeError(f"recipe file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe file {path}: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(
-            f"{path}: not valid YAML{where}: {problem}",
-            "check indentation and quoting; strings containing ': ' or starting with '{' need quotes",
-        ) from exc
-    if data is None:
-        raise RecipeError(f"{path}: the file is empty", "a recipe is a YAML mapping with name, description, os, build")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, not a {type(data).__name__}")
-    return data
+    """The recipe file's mapping, read within imagekit.recipe_yaml's limits (size, aliases, depth)."""
+    return recipe_yaml.read_mapping(path)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +207,9 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve_raw(ref: str | Path, chain: tuple[str, ...] = (), near: Path | None = None) -> tuple[dict[str, Any], Path]:
+def _resolve_raw(ref: str | Path, chain: tuple[str, ...] = (), near: Path | None = None,
+                 files: list[tuple[Path, dict[str, Any]]] | None = None) -> tuple[dict[str, Any], Path]:
+    """The merged raw mapping of ``ref`` and its ``extends`` chain; ``files`` collects each file's own mapping."""
     path = _locate(ref, near)
     key = str(path.resolve())
     if key in chain:
@@ -236,13 +218,15 @@ def _resolve_raw(ref: str | Path, chain: tuple[str, ...] = (), near: Path | None
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"recipe inheritance is deeper than {MAX_EXTENDS_DEPTH} levels at {path}")
     data = _read_yaml(path)
+    if files is not None:
+        files.append((path, data))
     parent = data.get("extends")
     if parent is None:
         return data, path
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected the name of another recipe")
     try:
-        base, base_path = _resolve_raw(parent, chain + (key,), near=path.parent)
+        base, base_path = _resolve_raw(parent, chain + (key,), near=path.parent, files=files)
     except RecipeError as exc:
         if "does not exist" in exc.message or "no recipe named" in exc.message:
             raise RecipeError(f"{path}: extends '{parent}', {exc.message}", exc.hint) from exc
@@ -267,6 +251,8 @@ def _locate(ref: str | Path, near: Path | None = None) -> Path:
     """A recipe file by path, or by name: next to the extending recipe first, then the search path."""
     p = Path(ref)
     if isinstance(ref, Path) or p.suffix in (".yaml", ".yml") or os.sep in str(ref):
+        if near is not None and not p.is_absolute():
+            p = near / p  # a path in ``extends`` is relative to the extending recipe's folder
         if not p.exists():
             raise RecipeError(f"recipe file {p} does not exist")
         return p
@@ -336,7 +322,8 @@ def _copy(data: Any) -> Any:
 
 
 def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datetime | None = None, *,
-                  base_dir: str | os.PathLike[str] | None = None) -> Recipe:
+                  base_dir: str | os.PathLike[str] | None = None, confined: bool = False,
+                  problems: list[str] | None = None) -> Recipe:
     """Validate a merged recipe mapping; raise RecipeError listing every problem.
 
     ``base_dir`` is the folder relative host paths of steps are resolved against (``load``
@@ -345,7 +332,7 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     if data.get("abstract") is True:
         raise RecipeError(f"{source}: recipe is abstract (a base for others to extend), it cannot be used directly")
     body = {k: v for k, v in data.items() if k not in META_KEYS}
-    problems: list[str] = []
+    problems = list(problems or [])
     variables = builtin_vars(body, now)
     body = _copy(body)
     for section in ("output", "glance"):  # name templates default to "{name}": substitute those too
@@ -354,12 +341,15 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     body = _substitute(body, variables, problems)
     os_type = body.get("os", {}).get("type") if isinstance(body.get("os"), dict) else None
     known_os = os_type in get_args(OsSpec.model_fields["type"].annotation)  # else os.type itself is reported
-    context = validation_context(base_dir if base_dir is not None else Path.cwd(), os_type if known_os else None)
+    context = validation_context(base_dir if base_dir is not None else Path.cwd(), os_type if known_os else None,
+                                 confined)
     try:
         recipe = Recipe.model_validate(body, context=context)
     except ValidationError as exc:
         problems.extend(recipe_errors.problems(exc, body, "", _KNOWN_KEYS))
         recipe = None
+    if confined and recipe is not None:
+        problems.extend(confine.final_problems(recipe))
     if problems:
         n = len(problems)
         raise RecipeError(
@@ -371,10 +361,19 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     return recipe.model_copy(update={"source": source, "digest": raw_digest})
 
 
-def load(ref: str | Path, now: _dt.datetime | None = None) -> Recipe:
-    """Load a recipe by name (search path) or by file path, resolving ``extends``."""
-    data, path = _resolve_raw(ref)
-    return validate_data(data, str(path), now, base_dir=path.parent)
+def load(ref: str | Path, now: _dt.datetime | None = None, *, confined: bool = False) -> Recipe:
+    """Load a recipe by name (search path) or by file path, resolving ``extends``.
+
+    ``confined``: the recipe comes from an untrusted source; ``imagekit.confine``'s rules apply
+    to every file of the chain that is not a shipped recipe (all problems reported at once)."""
+    files: list[tuple[Path, dict[str, Any]]] = []
+    data, path = _resolve_raw(ref, files=files)
+    early: list[str] = []
+    if confined:
+        for file, raw in files:
+            if not confine.is_trusted(file):
+                early += confine.raw_problems(raw, file)
+    return validate_data(data, str(path), now, base_dir=path.parent, confined=confined, problems=early)
 
 
 def list_recipes() -> list[tuple[str, Path, dict[str, Any]]]:

@@ -25,8 +25,10 @@ from imagekit.errors import ImagekitError, UsageError
 @click.option("--cloud", envvar="OS_CLOUD", help="Cloud from clouds.yaml for --upload (default: OS_CLOUD).")
 @click.option("--no-cache", is_flag=True, help="Run every step again, ignoring the step cache.")
 @click.option("--no-network", is_flag=True, help="No network for commands run inside the guest.")
+@click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
-def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_cache: bool, no_network: bool) -> None:
+def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_cache: bool, no_network: bool,
+          confined: bool) -> None:
     """Build RECIPE: build -> customise -> convert -> check -> (upload); writes IMAGE and IMAGE.manifest.json."""
     from pathlib import Path
 
@@ -35,7 +37,7 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
 
     for reaped in workdir.reap_stale():
         err_console.print(f"removed a stale work folder: {reaped.summary()}", markup=False, highlight=False)
-    r = rec.load(recipe_ref)
+    r = rec.load(recipe_ref, confined=confined)
     if upload and not cloud:
         raise UsageError("--upload needs --cloud NAME (or OS_CLOUD)",
                          "for a local Glance: 'imagekit glance serve', then --cloud imagekit-local")

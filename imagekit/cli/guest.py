@@ -31,9 +31,10 @@ from imagekit.formats import registry
 @click.option("-O", "--out-format", type=click.Choice(registry.customisable_names()), default="qcow2", show_default=True)
 @click.option("--no-network", is_flag=True, help="No network for the guest (package installs are refused).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
 def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...], in_place: bool,
-                  output: str | None, out_format: str, no_network: bool, force: bool) -> None:
+                  output: str | None, out_format: str, no_network: bool, force: bool, confined: bool) -> None:
     """Apply customise steps to IMAGE offline (libguestfs), into -o OUTPUT or --in-place."""
     from pathlib import Path
 
@@ -43,7 +44,7 @@ def customise_cmd(image: str, recipe_ref: str | None, step_texts: tuple[str, ...
 
     steps: list[Any] = []
     if recipe_ref:
-        steps.extend(rec.load(recipe_ref).customise)
+        steps.extend(rec.load(recipe_ref, confined=confined).customise)
     steps.extend(parse_step_texts(step_texts, Path.cwd(), len(steps)))
     if not steps:
         raise UsageError("no steps to apply", "give --recipe R (with a customise: list) and/or --step ...")

@@ -43,12 +43,13 @@ _VISIBILITIES = ["private", "shared", "community", "public"]
 @click.option("--prune-prefix", help="Name prefix for --prune-keep (default: the recipe name, else the image name).")
 @click.option("--max-virtual-size", metavar="SIZE", help="Refuse images with a larger virtual size.")
 @click.option("--lint-only", is_flag=True, help="Only build and lint the properties; do not check or upload.")
+@click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
 def upload(image: str | None, cloud: str | None, name: str | None, recipe: str | None, props: tuple[str, ...],
            visibility: str | None, tags: tuple[str, ...], protected: bool | None, min_ram: int | None,
            import_method: str, url: str | None, disk_format: str | None, force_upload: bool,
            prune_keep: int | None, prune_action: str, prune_prefix: str | None, max_virtual_size: str | None,
-           lint_only: bool) -> None:
+           lint_only: bool, confined: bool) -> None:
     """Check IMAGE and publish it to Glance, verified by size, md5 and sha512.
 
     disk_format comes from the detected format, never the extension. An identical
@@ -59,8 +60,17 @@ def upload(image: str | None, cloud: str | None, name: str | None, recipe: str |
     from imagekit import recipe as rec
     from imagekit.cloud import connect
 
+    if confined:
+        from imagekit import confine
+        from imagekit.errors import RecipeError
+
+        refused = confine.check_cli_publish(visibility, properties.parse_assignments(props))
+        if refused:
+            raise RecipeError(f"{len(refused)} option(s) refused in confined mode", "drop them; see docs/trust-model.md",
+                              refused)
     opts = glance.UploadOptions(
-        name=name, recipe=rec.load(recipe) if recipe else None, properties=properties.parse_assignments(props), visibility=visibility,
+        name=name, recipe=rec.load(recipe, confined=confined) if recipe else None,
+        properties=properties.parse_assignments(props), visibility=visibility,
         tags=list(tags), protected=protected, min_ram=min_ram, import_method=import_method,  # type: ignore[arg-type]
         url=url, disk_format=disk_format, force_upload=force_upload, prune_keep=prune_keep,
         prune_action=prune_action, prune_prefix=prune_prefix,  # type: ignore[arg-type]

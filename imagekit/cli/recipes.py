@@ -55,12 +55,13 @@ def recipes_list() -> None:
 @recipes.command("show")
 @result_type("imagekit.cli.results:RecipeShow", "recipes show")
 @click.argument("name")
+@click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
-def recipes_show(name: str) -> None:
+def recipes_show(name: str, confined: bool) -> None:
     """Print the resolved recipe NAME (a name or a path), YAML or --json."""
     from imagekit import recipe as rec
 
-    r = rec.load(name)
+    r = rec.load(name, confined=confined)
     data = {"name": r.name, "source": r.source, "digest": r.digest, **r.to_dict()}
 
     def human() -> None:
@@ -74,8 +75,9 @@ def recipes_show(name: str) -> None:
 @recipes.command("validate")
 @result_type("imagekit.cli.results:ValidateResult", "recipes validate")
 @click.argument("refs", nargs=-1)
+@click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
-def recipes_validate(refs: tuple[str, ...]) -> None:
+def recipes_validate(refs: tuple[str, ...], confined: bool) -> None:
     """Validate recipes (names or paths); all concrete recipes when none are given."""
     from imagekit import recipe as rec
 
@@ -85,7 +87,7 @@ def recipes_validate(refs: tuple[str, ...]) -> None:
     results: list[dict[str, Any]] = []
     for ref in targets:
         try:
-            r = rec.load(ref)
+            r = rec.load(ref, confined=confined)
             results.append({"recipe": ref, "ok": True, "name": r.name, "source": r.source, "problems": []})
         except RecipeError as exc:
             problems = exc.problems or [exc.message]

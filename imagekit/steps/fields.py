@@ -32,6 +32,7 @@ from imagekit.specs import parse_duration
 # Keys of the validation context (``Model.model_validate(data, context=...)``).
 BASE_DIR = "base_dir"  # folder relative host paths are resolved against; its presence turns file checks on
 OS_TYPE = "os_type"  # the recipe's os.type: a step that does not apply to it is refused
+CONFINED = "confined"  # confined mode (untrusted recipes): host files only from inside base_dir
 
 _PKG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._:=~<>/@*-]*$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9@._:\\-]+$")
@@ -43,9 +44,10 @@ _DS_RE = re.compile(r"^[A-Za-z0-9]+$")
 _CRYPT_RE = re.compile(r"^\$[0-9a-z]+\$[^\s:]+$")
 
 
-def validation_context(base_dir: str | os.PathLike[str], os_type: str | None = None) -> dict[str, Any]:
+def validation_context(base_dir: str | os.PathLike[str], os_type: str | None = None,
+                       confined: bool = False) -> dict[str, Any]:
     """The context recipe and ``--step`` validation pass to pydantic."""
-    ctx: dict[str, Any] = {BASE_DIR: Path(base_dir).resolve()}
+    ctx: dict[str, Any] = {BASE_DIR: Path(base_dir).resolve(), CONFINED: confined}
     if os_type is not None:
         ctx[OS_TYPE] = os_type
     return ctx
@@ -202,6 +204,12 @@ def _host_path(value: str, info: ValidationInfo) -> str:
         problem = host_file_problem(path)
         if problem:
             raise ValueError(problem)
+    if base is not None and isinstance(info.context, dict) and info.context.get(CONFINED):
+        root = Path(base).resolve()
+        real = Path(os.path.realpath(path))
+        if real != root and root not in real.parents:
+            raise ValueError(f"'{value}' is outside the recipe's folder {root} (confined: host files only from "
+                             "the recipe's own folder, symbolic links included)")
     return str(path)
 
 
