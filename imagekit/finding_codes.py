@@ -72,7 +72,17 @@ CODES: dict[str, str] = {
     "snapshot-l1-too-large": "A snapshot's L1 table exceeds 32 MiB.",
     "snapshot-l1-outside-file": "A snapshot's L1 table runs past the end of the file.",
     # ---- qcow2: the deep walk (L1/L2 tables, refcounts, bitmaps)
-    "l2-outside-file": "An L2 table, or a data cluster an L2 entry points to, lies past the end of the file.",
+    "l2-outside-file": "An L2 table runs past the end of the file.",
+    "l2-unaligned": "An L2 table is not cluster aligned.",
+    "data-outside-file": "Data clusters L2 entries point to lie past the end of the file.",
+    "data-unaligned": "An L2 entry's data cluster offset is not cluster aligned.",
+    "compressed-outside-file": "A compressed cluster's data runs past the end of the file.",
+    "compressed-with-data-file": "A compressed cluster in an image with an external data file (QEMU refuses it).",
+    "copied-on-compressed": "A compressed L2 entry has the COPIED flag (never valid).",
+    "bad-subcluster-bitmap": "An extended L2 entry's subcluster bitmap is invalid (allocated and zero bits both set, "
+                             "or bits on an unallocated or compressed cluster).",
+    "refcount-block-unaligned": "A refcount block is not cluster aligned.",
+    "refcount-block-outside-file": "A refcount block runs past the end of the file.",
     "reserved-bits": "Reserved bits are set in L1, L2, refcount or bitmap table entries.",
     "cluster-overlap": "Two structures (metadata or data) share a host cluster that is not shared legitimately.",
     "refcount-mismatch": "A stored refcount is lower than the cluster's references (QEMU: ERROR); a warning when "

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +58,27 @@ def imagekit() -> Callable[..., CliResult]:
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _finding_codes_are_documented() -> Iterator[None]:
+    """Every finding code the tests see a check emit (hostile images, fuzzing) is documented in
+    imagekit.finding_codes: a runtime complement to tests/test_finding_codes.py's source scan."""
+    from imagekit import finding_codes, verdict
+
+    seen: set[str] = set()
+    real = verdict.Findings.add
+
+    def add(self: verdict.Findings, code: str, severity: verdict.Severity, message: str) -> None:
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_globals.get("__name__") == "imagekit.verdict":
+            frame = frame.f_back  # reject()/warn()/info() call add()
+        if frame.f_globals.get("__name__", "").startswith("imagekit"):  # not the tests' own fakes
+            seen.add(code)
+        real(self, code, severity, message)
+
+    verdict.Findings.add = add  # type: ignore[method-assign]
+    yield
+    verdict.Findings.add = real  # type: ignore[method-assign]
+    undocumented = seen - set(finding_codes.CODES)
+    assert not undocumented, f"finding codes emitted but not documented in imagekit/finding_codes.py: {undocumented}"
