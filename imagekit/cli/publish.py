@@ -13,7 +13,6 @@ from imagekit.cli.output import (
     print_lint,
     result_type,
     size_option,
-    state,
 )
 from imagekit.cli.root import cli
 
@@ -145,14 +144,11 @@ def properties_lint(recipe: str | None, props: tuple[str, ...]) -> None:
         else:
             out_console.print("[green]ok[/] no inconsistency")
 
+    emit(data, human)  # with --json: the properties and findings, next to the error below
     if errors:
-        if not state().json:
-            human()
-        # with --json the error object (findings included) is the only output
         raise pm.PropertyLintError(f"{len(errors)} inconsistent image propert{'ies' if len(errors) != 1 else 'y'}",
                                    "see the findings above; 'imagekit properties rules' explains each code",
                                    [str(f) for f in errors], findings)
-    emit(data, human)
 
 
 @properties.command("rules")
