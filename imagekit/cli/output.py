@@ -223,35 +223,40 @@ class StatusLine:
     """A one-line status on stderr for long work: the stage, what it is doing, the time spent in the
     stage and, when ``estimates`` (stage -> seconds, e.g. the recipe's last build: ``imagekit.timings``)
     knows the stage, that duration and about how much is left. On a TTY a spinner line that keeps
-    ticking (re-rendered on every refresh); otherwise plain ``stage: message`` log lines without
-    timings; silent with --json.
+    ticking (rich ``Live`` re-renders it 4 times a second, and at once on every message, so even a
+    short stage shows); otherwise plain ``stage: message`` log lines without timings; silent with --json.
     """
 
     def __init__(self, estimates: Mapping[str, float] | None = None) -> None:
         self.json = state().json
         self.tty = err_console.is_terminal and not self.json
         self.estimates = dict(estimates or {})
-        self._status: Any = None
+        self._live: Any = None
+        self._spinner: Any = None
         self.stage = ""
         self.message = "starting"
         self._since = time.monotonic()
 
     def __enter__(self) -> StatusLine:
         if self.tty:
-            self._status = err_console.status(self, refresh_per_second=4)
-            self._status.__enter__()
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", style="status.spinner")
+            self._live = Live(self, console=err_console.real(), refresh_per_second=4, transient=True)
+            self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.__exit__(None, None, None)
+        if self._live is not None:
+            self._live.stop()
 
     def __call__(self, stage: str, message: str) -> None:
         if stage != self.stage:
             self.stage, self._since = stage, time.monotonic()
         self.message = message
-        if self._status is not None:
-            self._status.update(self)
+        if self._live is not None:
+            self._live.refresh()
         elif not self.json:
             err_console.print(f"{stage}: {message}", markup=False, highlight=False)
 
@@ -261,16 +266,20 @@ class StatusLine:
         est = self.estimates.get(self.stage)
         if est is None:
             return clock(spent)
-        if spent < est:
-            return f"{clock(spent)} (last time {clock(est)}, about {clock(est - spent + 0.999)} left)"
-        return f"{clock(spent)} (last time {clock(est)})"
+        whole = round(est)
+        if int(spent) < whole:
+            return f"{clock(spent)} (last time {clock(whole)}, about {clock(whole - int(spent))} left)"
+        return f"{clock(spent)} (last time {clock(whole)})"
 
     def __rich__(self) -> Any:
+        from rich.table import Table
         from rich.text import Text
 
-        if not self.stage:
-            return Text(self.message)
-        return Text.assemble((self.stage, "bold"), " ", (self.timing(), "cyan"), " ", self.message)
+        line = Text(self.message) if not self.stage else \
+            Text.assemble((self.stage, "bold"), " ", (self.timing(), "cyan"), " ", self.message)
+        grid = Table.grid(padding=1)
+        grid.add_row(self._spinner or "", line)
+        return grid
 
 
 # ---------------------------------------------------------------- small renderers
