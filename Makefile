@@ -11,6 +11,7 @@ STAMP_PIP := $(VENV)/.pip-done
 APT_PACKAGES := qemu-utils qemu-system-x86 libguestfs-tools python3-guestfs python3-venv \
   linux-image-amd64 debootstrap sudo xorriso curl ca-certificates fdisk gdisk kpartx \
   dosfstools squashfs-tools zstd util-linux
+APT_PACKAGES += fish  # tests/test_completion.py has fish itself complete imagekit's words (complete -C)
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.
@@ -28,7 +29,7 @@ help:
 
 setup: $(STAMP_PIP)
 
-$(STAMP_APT):
+$(STAMP_APT): Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -46,7 +47,7 @@ $(STAMP_APT):
 
 # editable_mode=compat: a plain path in a .pth file; the default mode's import finder costs every
 # imagekit command ~8 ms of start-up.
-$(STAMP_PIP): $(STAMP_APT) pyproject.toml
+$(STAMP_PIP): $(STAMP_APT) pyproject.toml setup.py
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,server]' --config-settings editable_mode=compat
 	@touch $@
 

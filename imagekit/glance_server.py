@@ -8,10 +8,12 @@ gunicorn with SQLite and a file store, each instance in its own directory:
     HOME/server.json, HOME/server.log
 
 ``HOME`` defaults to ``paths.state_dir()/glance``. There is no Keystone: the
-paste pipeline is Glance's keystone pipeline minus ``authtoken``, so every
-request must carry the identity headers (``X-Identity-Status: Confirmed``, a
-project, a user, roles) that ``imagekit.cloud`` sends for the clouds.yaml entry
-written here (cloud ``imagekit-local``, ``auth_type: none``).
+paste pipeline is Glance's keystone pipeline with ``imagekit.glance_identity`` in
+place of ``authtoken`` (a token ``USER:PROJECT[:ROLES]`` from a loopback client
+becomes Glance's identity headers), so the clouds.yaml entry written here (cloud
+``imagekit-local``, ``auth_type: admin_token``: that token and the endpoint) works
+for every OpenStack client; ``shell_env`` gives the same for clients that read no
+clouds.yaml (``imagekit glance env``).
 
 The server outlives the command that starts it: it is a detached
 ``imagekit.process.Process`` (its own process session, so a Ctrl-C in the terminal

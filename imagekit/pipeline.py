@@ -233,6 +233,7 @@ def _cached_stage(run: _Run, name: str, cache_name: str, inputs: dict[str, Any],
 
     ``place`` turns a result as stored (paths relative to its entry) into one to use.
     """
+    run.say(name, "looking in the step cache" if run.options.use_cache else "starting")
     key = cache.digest(inputs)
     t = time.monotonic()
     found = cache.lookup(cache_name, key, result_type) if run.options.use_cache else None

@@ -1,7 +1,8 @@
 """Recipes: YAML files that describe an image, loaded into frozen, validated models.
 
 A recipe is found by name in the search path (``IMAGEKIT_RECIPE_PATH`` directories
-first, then the shipped ``recipes/``). ``extends: OTHER`` deep-merges the recipe
+first, then ``./recipes``, ``~/.config/imagekit/recipes`` and the shipped recipes:
+``imagekit.paths.recipe_dirs``). ``extends: OTHER`` deep-merges the recipe
 over OTHER (mappings merge key by key, lists are replaced; a key written
 ``customise+`` appends to the parent's list instead). Variables such as
 ``{release}`` or ``{date}`` are substituted in names, URLs and build environment
@@ -28,6 +29,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -168,20 +170,17 @@ _KNOWN_KEYS.update(META_KEYS)
 
 def search_path() -> list[Path]:
     """Directories searched for recipes, first match wins."""
-    dirs = [Path(p) for p in os.environ.get("IMAGEKIT_RECIPE_PATH", "").split(os.pathsep) if p]
-    root = paths.project_root()
-    if root is not None:
-        dirs.append(root / "recipes")
-    return dirs
+    return [d.path for d in paths.recipe_dirs()]
 
 
-def _recipe_files() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in search_path():
-        if not d.is_dir():
+def _recipe_files() -> dict[str, tuple[Path, str]]:
+    """name -> (file, origin of its folder: ``paths.SearchDir.origin``), first match wins."""
+    found: dict[str, tuple[Path, str]] = {}
+    for d in paths.recipe_dirs():
+        if not d.path.is_dir():
             continue
-        for f in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
-            found.setdefault(f.stem, f)
+        for f in sorted(d.path.glob("*.yaml")) + sorted(d.path.glob("*.yml")):
+            found.setdefault(f.stem, (f, d.origin))
     return found
 
 
@@ -262,7 +261,7 @@ def _locate(ref: str | Path, near: Path | None = None) -> Path:
                 return near / f"{ref}{ext}"
     files = _recipe_files()
     if str(ref) in files:
-        return files[str(ref)]
+        return files[str(ref)][0]
     close = difflib.get_close_matches(str(ref), list(files), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "list recipes with 'imagekit recipes list'"
     raise RecipeError(f"no recipe named '{ref}'", hint)
@@ -376,13 +375,25 @@ def load(ref: str | Path, now: _dt.datetime | None = None, *, confined: bool = F
     return validate_data(data, str(path), now, base_dir=path.parent, confined=confined, problems=early)
 
 
-def list_recipes() -> list[tuple[str, Path, dict[str, Any]]]:
-    """(name, file, raw data) for every recipe in the search path, abstract ones included."""
+@dataclass(frozen=True)
+class ListedRecipe:
+    """A recipe file in the search path: its name, file, the origin of its folder
+    (``env``: ``IMAGEKIT_RECIPE_PATH``, ``./recipes``, ``user``, ``shipped``) and its raw data
+    (``{}`` when the file cannot be read)."""
+
+    name: str
+    path: Path
+    origin: str
+    data: dict[str, Any]
+
+
+def list_recipes() -> list[ListedRecipe]:
+    """Every recipe in the search path, abstract ones included, by name."""
     out = []
-    for name, path in sorted(_recipe_files().items()):
+    for name, (path, origin) in sorted(_recipe_files().items()):
         try:
             data = _read_yaml(path)
         except RecipeError:
             data = {}
-        out.append((name, path, data))
+        out.append(ListedRecipe(name, path, origin, data))
     return out

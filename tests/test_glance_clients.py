@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from imagekit import glance_identity
+from imagekit import glance_identity, glance_server
 from tests.glance_fixture import GlanceFixture
 
 BIN = Path(sys.executable).parent
@@ -56,8 +56,6 @@ def test_openstack_cli_image_lifecycle(glance_server_session: GlanceFixture, tmp
 
 
 def test_glance_cli_with_imagekit_glance_env(glance_server_session: GlanceFixture, tmp_path: Path) -> None:
-    from imagekit import glance_server
-
     fx = glance_server_session
     env = glance_server.shell_env(fx.info.endpoint)
     img = tmp_path / "g.raw"
@@ -72,6 +70,33 @@ def test_glance_cli_with_imagekit_glance_env(glance_server_session: GlanceFixtur
     assert proc.returncode == 0 and "active" in proc.stdout
     assert _cli("glance", "image-delete", image_id, env=env).returncode == 0
     assert image_id not in _cli("glance", "image-list", env=env).stdout
+
+
+def test_glance_cli_after_eval_imagekit_glance_env(glance_server_session: GlanceFixture, tmp_path: Path) -> None:
+    """As the README says: eval "$(imagekit glance env)", then the glance CLI, in a plain shell."""
+    if not (BIN / "glance").exists():
+        pytest.skip("glance is not installed (the test extra installs python-openstackclient)")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "glance").symlink_to(glance_server_session.home)  # the running server is the default one here
+    img = tmp_path / "e.raw"
+    img.write_bytes(b"\0" * 65536)
+    script = ('eval "$(imagekit glance env)" && '
+              f'glance image-create --name eval-env-test --disk-format raw --container-format bare --file {img} && '
+              'glance image-list')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "imagekit").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m imagekit "$@"\n')
+    (bin_dir / "imagekit").chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**clean, "PATH": f"{bin_dir}:{BIN}:{os.environ['PATH']}", "IMAGEKIT_STATE_DIR": str(state),
+                               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 0, proc.stderr
+    image_id = next(line.split("|")[2].strip() for line in proc.stdout.splitlines() if "| id " in line)
+    assert proc.stdout.count(image_id) == 2  # created, then listed
+    assert _cli("glance", "image-delete", image_id, env=glance_server.shell_env(glance_server_session.info.endpoint)
+                ).returncode == 0
 
 
 def test_imagekit_glance_env_prints_exports(imagekit: Any, tmp_path: Path) -> None:

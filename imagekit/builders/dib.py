@@ -1,7 +1,7 @@
 """Builder ``dib``: drive diskimage-builder's ``disk-image-create`` for a recipe.
 
-The recipe's elements and environment, the project's ``elements/`` on
-``ELEMENTS_PATH``, a raw output (imagekit's convert step writes the final
+The recipe's elements and environment, imagekit's shipped elements on
+``ELEMENTS_PATH`` (after ``IMAGEKIT_ELEMENTS_PATH``, whose elements override them), a raw output (imagekit's convert step writes the final
 format). The build log is streamed to a file and to a phase callback. On a
 kernel without device-mapper, partition mapping goes through
 ``imagekit.partloop`` (see there). Whatever happens (failure, Ctrl-C,
@@ -69,14 +69,8 @@ def disk_image_create() -> str:
 
 
 def element_paths(extra: list[Path] | None = None) -> list[Path]:
-    out = list(extra or [])
-    root = paths.project_root()
-    if root is not None and (root / "elements").is_dir():
-        out.append(root / "elements")
-    env = os.environ.get("IMAGEKIT_ELEMENTS_PATH")
-    if env:
-        out += [Path(p) for p in env.split(os.pathsep) if p]
-    return out
+    """``ELEMENTS_PATH``: ``extra``, ``IMAGEKIT_ELEMENTS_PATH``, then imagekit's shipped elements."""
+    return paths.element_dirs(extra)
 
 
 def _shim_dir(work: Path) -> Path:

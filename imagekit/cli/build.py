@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from imagekit.cli.completion import complete_recipe
 from imagekit.cli.output import (
     StatusLine,
     emit,
@@ -19,7 +20,7 @@ from imagekit.errors import ImagekitError, UsageError
 
 @cli.command()
 @result_type("imagekit.cli.results:BuildResultOut", "build")
-@click.argument("recipe_ref", metavar="RECIPE")
+@click.argument("recipe_ref", metavar="RECIPE", shell_complete=complete_recipe)
 @click.option("--output-dir", type=click.Path(file_okay=False), default="out", show_default=True)
 @click.option("--upload", is_flag=True, help="Upload the image to Glance after a successful build.")
 @click.option("--cloud", envvar="OS_CLOUD", help="Cloud from clouds.yaml for --upload (default: OS_CLOUD).")
@@ -32,7 +33,7 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
     """Build RECIPE: build -> customise -> convert -> check -> (upload); writes IMAGE and IMAGE.manifest.json."""
     from pathlib import Path
 
-    from imagekit import pipeline, workdir
+    from imagekit import pipeline, timings, workdir
     from imagekit import recipe as rec
 
     for reaped in workdir.reap_stale():
@@ -41,10 +42,12 @@ def build(recipe_ref: str, output_dir: str, upload: bool, cloud: str | None, no_
     if upload and not cloud:
         raise UsageError("--upload needs --cloud NAME (or OS_CLOUD)",
                          "for a local Glance: 'imagekit glance serve', then --cloud imagekit-local")
-    with StatusLine() as status:
+    with StatusLine(estimates=timings.last(r.name)) as status:  # each stage's time in the recipe's last build
+        status("prepare", "choosing the accelerator, reading tool versions")
         opts = pipeline.BuildOptions(accel=accel_choice(), use_cache=not no_cache, network=not no_network,
                                      upload_cloud=cloud if upload else None)
         result = pipeline.build(r, Path(output_dir), opts, phase=status)
+    timings.record(r.name, result.stages)
     data = result.to_dict()
 
     def human() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from imagekit.cli.completion import complete_recipe
 from imagekit.cli.output import (
     emit,
     err_console,
@@ -23,7 +24,8 @@ from imagekit.formats import registry
 @cli.command("customise")
 @result_type("imagekit.cli.results:CustomiseResult", "customise")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--recipe", "recipe_ref", metavar="R", help="Apply the customise: steps of recipe R (name or path).")
+@click.option("--recipe", "recipe_ref", metavar="R", shell_complete=complete_recipe,
+              help="Apply the customise: steps of recipe R (name or path).")
 @click.option("--step", "step_texts", multiple=True, metavar="JSON_OR_YAML",
               help="A step, e.g. '{op: hostname, hostname: web01}' (repeatable, applied after the recipe's).")
 @click.option("--in-place", is_flag=True, help="Change IMAGE itself (default: IMAGE is never touched).")

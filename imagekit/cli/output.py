@@ -12,7 +12,8 @@ silent with ``--json`` or when stderr is not a terminal.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -208,29 +209,73 @@ class ProgressBar:
         self._progress.update(self._tasks[phase], completed=max(0.0, min(1.0, fraction)))
 
 
-class StatusLine:
-    """A one-line status (spinner) on stderr for long work; plain log lines when not a TTY; silent with --json."""
+def clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on)."""
+    s = max(0, int(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
-    def __init__(self) -> None:
+
+class StatusLine:
+    """A one-line status on stderr for long work: the stage, what it is doing, the time spent in the
+    stage and, when ``estimates`` (stage -> seconds, e.g. the recipe's last build: ``imagekit.timings``)
+    knows the stage, that duration and about how much is left. On a TTY a spinner line that keeps
+    ticking (rich ``Live`` re-renders it 4 times a second, and at once on every message, so even a
+    short stage shows); otherwise plain ``stage: message`` log lines without timings; silent with --json.
+    """
+
+    def __init__(self, estimates: Mapping[str, float] | None = None) -> None:
         self.json = state().json
         self.tty = err_console.is_terminal and not self.json
-        self._status: Any = None
+        self.estimates = dict(estimates or {})
+        self._live: Any = None
+        self._spinner: Any = None
+        self.stage = ""
+        self.message = "starting"
+        self._since = time.monotonic()
 
     def __enter__(self) -> StatusLine:
         if self.tty:
-            self._status = err_console.status("starting")
-            self._status.__enter__()
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", style="status.spinner")
+            self._live = Live(self, console=err_console.real(), refresh_per_second=4, transient=True)
+            self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.__exit__(None, None, None)
+        if self._live is not None:
+            self._live.stop()
 
     def __call__(self, stage: str, message: str) -> None:
-        if self._status is not None:
-            self._status.update(f"[bold]{stage}[/] {message}")
+        if stage != self.stage:
+            self.stage, self._since = stage, time.monotonic()
+        self.message = message
+        if self._live is not None:
+            self._live.refresh()
         elif not self.json:
             err_console.print(f"{stage}: {message}", markup=False, highlight=False)
+
+    def timing(self, now: float | None = None) -> str:
+        """``0:42`` in the stage, with ``(last time 2:10, about 1:28 left)`` when estimated."""
+        spent = (time.monotonic() if now is None else now) - self._since
+        est = self.estimates.get(self.stage)
+        if est is None:
+            return clock(spent)
+        whole = round(est)
+        if int(spent) < whole:
+            return f"{clock(spent)} (last time {clock(whole)}, about {clock(whole - int(spent))} left)"
+        return f"{clock(spent)} (last time {clock(whole)})"
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        line = Text(self.message) if not self.stage else \
+            Text.assemble((self.stage, "bold"), " ", (self.timing(), "cyan"), " ", self.message)
+        grid = Table.grid(padding=1)
+        grid.add_row(self._spinner or "", line)
+        return grid
 
 
 # ---------------------------------------------------------------- small renderers

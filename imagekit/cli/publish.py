@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from imagekit.cli.completion import complete_recipe
 from imagekit.cli.output import (
     ProgressBar,
     emit,
@@ -24,7 +25,8 @@ _VISIBILITIES = ["private", "shared", "community", "public"]
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
 @click.option("--cloud", metavar="NAME", help="Cloud from clouds.yaml (default: OS_CLOUD, then the OS_* variables).")
 @click.option("--name", help="Image name (default: the recipe's glance.name, else the file name).")
-@click.option("--recipe", metavar="R", help="Recipe whose os/glance sections give properties, tags, name.")
+@click.option("--recipe", metavar="R", shell_complete=complete_recipe,
+              help="Recipe whose os/glance sections give properties, tags, name.")
 @click.option("--property", "props", multiple=True, metavar="KEY=VALUE", help="Image property (repeatable; "
               "KEY= removes one).")
 @click.option("--visibility", type=click.Choice(_VISIBILITIES), help="Default: the recipe's, else private.")
@@ -122,7 +124,8 @@ def properties() -> None:
 
 @properties.command("lint")
 @result_type("imagekit.cli.results:LintResult", "properties lint")
-@click.option("--recipe", metavar="R", help="Recipe whose os/glance sections give the properties.")
+@click.option("--recipe", metavar="R", shell_complete=complete_recipe,
+              help="Recipe whose os/glance sections give the properties.")
 @click.option("--property", "props", multiple=True, metavar="KEY=VALUE", help="Extra or overriding property.")
 @json_option
 def properties_lint(recipe: str | None, props: tuple[str, ...]) -> None:

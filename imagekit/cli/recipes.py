@@ -1,4 +1,4 @@
-"""``imagekit recipes list|show|validate``."""
+"""``imagekit recipes list|show|validate|new``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from imagekit.cli.completion import complete_recipe
 from imagekit.cli.output import (
     emit,
     json_option,
@@ -25,17 +26,22 @@ def recipes() -> None:
 @result_type("imagekit.cli.results:RecipeList", "recipes list")
 @json_option
 def recipes_list() -> None:
-    """List the recipes in the search path (IMAGEKIT_RECIPE_PATH, then recipes/)."""
+    """List the recipes in the search path and where each comes from.
+
+    The search path: IMAGEKIT_RECIPE_PATH (env), ./recipes, ~/.config/imagekit/recipes (user),
+    then the recipes imagekit ships (shipped); the first file with a name wins.
+    """
     from imagekit import recipe as rec
 
     rows = []
-    for name, path, data in rec.list_recipes():
-        row: dict[str, Any] = {"name": name, "description": data.get("description"), "method": None,
+    for listed in rec.list_recipes():
+        data = listed.data
+        row: dict[str, Any] = {"name": listed.name, "description": data.get("description"), "method": None,
                                "abstract": bool(data.get("abstract")), "extends": data.get("extends"),
-                               "path": str(path), "valid": None}
+                               "path": str(listed.path), "origin": listed.origin, "valid": None}
         if not row["abstract"]:
             try:
-                r = rec.load(path)
+                r = rec.load(listed.path)
                 row.update(description=r.description, method=r.build.method, valid=True,
                            os=f"{r.os.distro} {r.os.version} {r.os.arch}")
             except RecipeError as exc:
@@ -47,14 +53,15 @@ def recipes_list() -> None:
             if r["abstract"]:
                 continue
             state = "" if r["valid"] else "  (invalid: run 'imagekit recipes validate')"
-            out_console.print(f"{r['name']:<22} {r['method'] or '?':<12} {r['description'] or ''}{state}", markup=False)
+            out_console.print(f"{r['name']:<22} {r['method'] or '?':<12} {r['origin']:<10} {r['description'] or ''}"
+                              f"{state}", markup=False)
 
     emit({"recipes": rows}, human)
 
 
 @recipes.command("show")
 @result_type("imagekit.cli.results:RecipeShow", "recipes show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_recipe)
 @click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
 def recipes_show(name: str, confined: bool) -> None:
@@ -74,14 +81,14 @@ def recipes_show(name: str, confined: bool) -> None:
 
 @recipes.command("validate")
 @result_type("imagekit.cli.results:ValidateResult", "recipes validate")
-@click.argument("refs", nargs=-1)
+@click.argument("refs", nargs=-1, shell_complete=complete_recipe)
 @click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
 @json_option
 def recipes_validate(refs: tuple[str, ...], confined: bool) -> None:
     """Validate recipes (names or paths); all concrete recipes when none are given."""
     from imagekit import recipe as rec
 
-    targets: list[str] = list(refs) or [n for n, _p, d in rec.list_recipes() if not d.get("abstract")]
+    targets: list[str] = list(refs) or [r.name for r in rec.list_recipes() if not r.data.get("abstract")]
     if not targets:
         raise UsageError("no recipes found", "add YAML files to recipes/ or set IMAGEKIT_RECIPE_PATH")
     results: list[dict[str, Any]] = []
@@ -109,3 +116,27 @@ def recipes_validate(refs: tuple[str, ...], confined: bool) -> None:
         n = len(bad)
         raise RecipeError(f"{n} of {len(results)} recipe{'s' if len(results) != 1 else ''} invalid",
                           "fix the problems listed above")
+
+
+@recipes.command("new")
+@result_type("imagekit.recipe_new:NewRecipe", "recipes new")
+@click.argument("name")
+@click.option("--from", "start", required=True, metavar="RECIPE", shell_complete=complete_recipe,
+              help="The recipe to start from (a name from 'imagekit recipes list').")
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default="recipes", show_default=True,
+              help="Where to write NAME.yaml (./recipes is in the search path).")
+@json_option
+def recipes_new(name: str, start: str, folder: str) -> None:
+    """Write a starting recipe NAME.yaml that extends RECIPE (never overwrites a file)."""
+    from pathlib import Path
+
+    from imagekit.recipe_new import new_recipe
+
+    made = new_recipe(name, start, Path(folder))
+
+    def human() -> None:
+        out_console.print(f"wrote {made.path} (extends {made.extends}, {made.extends_origin})", markup=False)
+        ref = made.name if made.found_by_name else str(made.path)
+        out_console.print(f"next: edit it, then 'imagekit recipes show {ref}' and 'imagekit build {ref}'", markup=False)
+
+    emit(made, human)

@@ -60,6 +60,7 @@ class RecipeRow(Result):
     abstract: bool
     extends: str | None = None
     path: str
+    origin: str = Field(description="where it was found: env, ./recipes, user or shipped")
     valid: bool | None = None
     os: str | None = None
     error: str | None = None
