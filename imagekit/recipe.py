@@ -371,9 +371,12 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     return recipe.model_copy(update={"source": source, "digest": raw_digest})
 
 
-def load(ref: str | Path, now: _dt.datetime | None = None) -> Recipe:
-    """Load a recipe by name (search path) or by file path, resolving ``extends``."""
+def load(ref: str | Path, now: _dt.datetime | None = None, *, variables: dict[str, str] | None = None) -> Recipe:
+    """Load a recipe by name (search path) or by file path, resolving ``extends``; ``variables``
+    are set over the recipe's ``vars`` (a CI pipeline's matrix row)."""
     data, path = _resolve_raw(ref)
+    if variables:
+        data = deep_merge(data, {"vars": dict(variables)})
     return validate_data(data, str(path), now, base_dir=path.parent)
 
 
