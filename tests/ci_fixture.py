@@ -202,18 +202,20 @@ class CliRun:
 class Project:
     folder: Path
     env: dict[str, str]
+    timings: list[tuple[str, float]] = field(default_factory=list)  # (command, seconds) of ``ci``
 
     @property
     def pipeline(self) -> Path:
         return self.folder / "imagekit-pipeline.yaml"
 
-    def write_recipe(self, name: str, base_url: str, sha: str, extra: str = "") -> Path:
+    def write_recipe(self, name: str, base_url: str, sha: str, extra: str = "",
+                     output: str = "{compat: '1.1', cluster_size: 64K}") -> Path:
         p = self.folder / "recipes" / f"{name}.yaml"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"name: {name}\ndescription: tiny bootable test image\n"
                      "os: {type: linux, distro: debian, version: '12'}\n"
                      f"build:\n  method: cloud-image\n  base: {{url: {base_url}, sha256: '{sha}'}}\n"
-                     "disk_size: 64M\noutput: {compat: '1.1', cluster_size: 64K}\n" + extra)
+                     f"disk_size: 64M\noutput: {output}\n" + extra)
         return p
 
     def write_pipeline(self, doc: dict[str, Any]) -> Path:
@@ -232,8 +234,10 @@ class Project:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def ci(self, *args: str, home: str = "runner", timeout: float = 600) -> CliRun:
+        t = time.monotonic()
         proc = self.popen(*args, home=home)
         out, err = proc.communicate(timeout=timeout)
+        self.timings.append((" ".join(args[:2]), round(time.monotonic() - t, 1)))
         return CliRun(proc.returncode, out, err)
 
 
