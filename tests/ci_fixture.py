@@ -209,13 +209,13 @@ class Project:
         return self.folder / "imagekit-pipeline.yaml"
 
     def write_recipe(self, name: str, base_url: str, sha: str, extra: str = "",
-                     output: str = "{compat: '1.1', cluster_size: 64K}") -> Path:
+                     output: str = "{compat: '1.1', cluster_size: 64K}", disk_size: str = "64M") -> Path:
         p = self.folder / "recipes" / f"{name}.yaml"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"name: {name}\ndescription: tiny bootable test image\n"
                      "os: {type: linux, distro: debian, version: '12'}\n"
                      f"build:\n  method: cloud-image\n  base: {{url: {base_url}, sha256: '{sha}'}}\n"
-                     f"disk_size: 64M\noutput: {output}\n" + extra)
+                     f"disk_size: {disk_size}\noutput: {output}\n" + extra)
         return p
 
     def write_pipeline(self, doc: dict[str, Any]) -> Path:
