@@ -275,7 +275,12 @@ def ci_emit(system: str, parent: bool, matrix: bool, every: bool, output_dir: st
     """The CI system's configuration: GitLab child pipeline, GitHub workflows or matrix, Zuul jobs."""
     from imagekit.ci import emit as em
 
+    import os
+
     p = _load(pipeline_file)
+    if os.path.isabs(pipeline_file):  # the jobs see the file relative to their checkout (the current folder here)
+        rel = os.path.relpath(pipeline_file)
+        pipeline_file = pipeline_file if rel.startswith("..") else rel
     opts = em.EmitOptions(command=command, pipeline_file=pipeline_file, promote_to=promote_to, setup=setup,
                           runs_on=runs_on, tags=tags)
     res = em.emit(p, system, opts, parent=parent, matrix=matrix, every=every)
