@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from imagekit import cache
 from imagekit import pipeline as pl
+from imagekit.builders.base import ToolVersions
 from imagekit.cache_remote import SharedCache
 from imagekit.ci import clouds as cl
 from imagekit.ci.model import Pipeline, Unit
@@ -52,7 +53,7 @@ def _scan_clouds(pipeline: Pipeline) -> _Clouds:
     return out
 
 
-def _build_reasons(unit: Unit, recipe_digest: str | None, keys: pl.StageKeys, tools: object,
+def _build_reasons(unit: Unit, recipe_digest: str | None, keys: pl.StageKeys, tools: ToolVersions,
                    rec: UnitRecord | None, shared: SharedCache | None) -> list[Reason]:
     if rec is None:
         return [Reason("never-built", "no record of a build of this unit")]
@@ -89,11 +90,11 @@ def _cloud_states(pipeline: Pipeline, unit: Unit, sha: str | None, scan: _Clouds
 
 
 def plan_unit(pipeline: Pipeline, unit: Unit, shared: SharedCache | None, scan: _Clouds,
-              tools: object) -> UnitPlan:
+              tools: ToolVersions) -> UnitPlan:
     recipe = unit.load_recipe()
     if unit.image.paused:
         return UnitPlan(unit.name, recipe.name, True, None, None, None, (), (Reason("paused", "paused: true"),))
-    keys = pl.stage_keys(recipe, tools=tools)  # type: ignore[arg-type]
+    keys = pl.stage_keys(recipe, tools=tools)
     rec = read_record(pipeline, unit, shared)
     reasons = _build_reasons(unit, recipe.digest, keys, tools, rec, shared)
     actions = ["run", "gate", "promote"] if reasons else []

@@ -273,9 +273,9 @@ def ci_status(html_file: str | None, pipeline_file: str) -> None:
 def ci_emit(system: str, parent: bool, matrix: bool, every: bool, output_dir: str | None, command: str,
             setup: str | None, runs_on: str, tags: tuple[str, ...], promote_to: str | None, pipeline_file: str) -> None:
     """The CI system's configuration: GitLab child pipeline, GitHub workflows or matrix, Zuul jobs."""
-    from imagekit.ci import emit as em
-
     import os
+
+    from imagekit.ci import emit as em
 
     p = _load(pipeline_file)
     if os.path.isabs(pipeline_file):  # the jobs see the file relative to their checkout (the current folder here)
