@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,22 @@ def gitlab_child(pipeline: Pipeline, units: list[str], o: EmitOptions) -> str:
     return HEADER.format(what="gitlab", file=pipeline.path.name) + _dump(doc)
 
 
+def _child_options(o: EmitOptions) -> list[str]:
+    """The options that make the child like this parent (runner tags, set-up, command, channel)."""
+    args = [f"--tag {shlex.quote(t)}" for t in o.tags]
+    if o.setup:
+        args.append(f"--setup {shlex.quote(o.setup)}")
+    if o.command != "imagekit":
+        args.append(f"--command {shlex.quote(o.command)}")
+    if o.promote_to:
+        args.append(f"--to {shlex.quote(o.promote_to)}")
+    return args
+
+
 def gitlab_parent(pipeline: Pipeline, o: EmitOptions) -> str:
     doc: dict[str, Any] = {
         "stages": ["plan", "images"],
-        "imagekit-plan": _gitlab_job(o, "plan", [_ci(o, "emit", "gitlab") + " > imagekit-child.yml"],
+        "imagekit-plan": _gitlab_job(o, "plan", [_ci(o, "emit", "gitlab", *_child_options(o)) + " > imagekit-child.yml"],
                                      artifacts={"paths": ["imagekit-child.yml"]}),
         "imagekit-images": {"stage": "images", "needs": ["imagekit-plan"],
                             "trigger": {"include": [{"artifact": "imagekit-child.yml", "job": "imagekit-plan"}],
@@ -193,7 +206,7 @@ def zuul_config(pipeline: Pipeline, units: list[str], o: EmitOptions) -> dict[st
         jobs.append({"job": {"name": f"imagekit-image-build-{u}", "parent": "imagekit-image-build",
                              "image-build-name": u, "vars": {"imagekit_unit": u}}})
     names = [f"imagekit-image-build-{u}" for u in units]
-    jobs.append({"project": {"periodic": {"jobs": names}, "post": {"jobs": names}}})
+    jobs.append({"project": {"periodic": {"jobs": list(names)}, "post": {"jobs": list(names)}}})
     src = "{{ zuul.project.src_dir }}"
     out = "ci-out/{{ imagekit_unit }}"
     ci = "{{ imagekit_command }} ci {cmd} --pipeline {{ imagekit_pipeline_file }}"

@@ -279,7 +279,8 @@ def _valid_images(data: dict[str, Any]) -> list[tuple[int, Image]]:
 def _units_of(images: list[tuple[int, Image]], folder: Path) -> list[Unit]:
     units = []
     for i, img in images:
-        base = img.name or Path(img.recipe).stem
+        base = img.name or (Path(img.recipe).stem if img.recipe.endswith((".yaml", ".yml")) else
+                            Path(img.recipe).name)
         keys = list(img.matrix)
         for row in itertools.product(*(img.matrix[k] for k in keys)) if keys else [()]:
             name = "-".join([base, *row]).lower()

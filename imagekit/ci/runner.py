@@ -20,6 +20,7 @@ A failure still writes ``junit.xml`` and the log, notifies the webhook and raise
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -185,9 +186,13 @@ def _facts(pipeline: Pipeline, unit: Unit, recipe: Any, result: pl.BuildResult, 
 
 def _write_artifacts(out: Path, unit: Unit, record: UnitRecord, result: pl.BuildResult) -> None:
     """``artifacts.json``: Zuul's artifact list (``zuul_return`` data), usable by any CI system."""
+    md5 = hashlib.md5(usedforsecurity=False)  # Zuul's image artifacts carry md5sum beside sha256
+    with (out / record.image).open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            md5.update(chunk)
     arts = [{"name": unit.name, "url": record.image,
              "metadata": {"type": "zuul_image", "image_name": unit.name, "format": record.format,
-                          "sha256": record.sha256, "size": record.size}},
+                          "sha256": record.sha256, "md5sum": md5.hexdigest(), "size": record.size}},
             {"name": f"{unit.name} manifest", "url": result.manifest.name, "metadata": {"type": "imagekit_manifest"}},
             {"name": f"{unit.name} provenance", "url": "provenance/", "metadata": {"type": "in_toto"}},
             {"name": f"{unit.name} junit", "url": "junit.xml", "metadata": {"type": "junit"}}]
