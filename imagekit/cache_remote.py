@@ -33,6 +33,7 @@ runner builds on its own and the problem is reported (``SharedCache.warnings``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -116,9 +117,9 @@ class Store(Protocol):
         not match its digest or cannot be read."""
         ...
 
-    def push(self, folder: Path, index: EntryIndex) -> bool:
+    def push(self, folder: Path, index: EntryIndex, replace: bool = False) -> bool:
         """Publish the files of ``folder`` as listed by ``index`` (index last); False when an entry
-        with this key was already there (it is kept)."""
+        with this key was already there (it is kept, unless ``replace``: a rebuild without the cache)."""
         ...
 
     def read_lease(self, name: str) -> Lease | None: ...
@@ -215,9 +216,9 @@ class DirectoryStore:
                 raise SharedCacheError(f"{src / rel} does not match the digest its index gives",
                                        "the shared entry was altered; it is ignored")
 
-    def push(self, folder: Path, index: EntryIndex) -> bool:
+    def push(self, folder: Path, index: EntryIndex, replace: bool = False) -> bool:
         final = self._entry(index.stage, index.key)
-        if (final / INDEX).exists():
+        if (final / INDEX).exists() and not replace:
             return False
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -227,6 +228,10 @@ class DirectoryStore:
             for f in index.files:
                 copy_file(folder / f.path, tmp / f.path)
             _write_synced(tmp / INDEX, INDEX_JSON.dump_json(index, indent=2))  # the index last
+            if replace and final.exists():  # absent for a moment (a miss for readers), never mixed
+                old = tmp_root / f"old-{index.stage}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
             try:
                 os.rename(tmp, final)  # atomic; fails when another runner's entry is there
             except OSError:
@@ -320,6 +325,10 @@ class Slot:
     publish: Callable[[cache.Entry], None] = lambda _e: None
 
 
+def _keep(_entry: cache.Entry) -> None:
+    return None
+
+
 class _NotUsable(Exception):
     """A pulled entry that is not this imagekit's (its result does not decode): a miss."""
 
@@ -352,14 +361,15 @@ class SharedCache:
         name = f"{stage}-{key}"
         found, lease = self._find_or_lease(stage, key, result_type, lookup)
         if found is not None or lease is None:
-            yield Slot(found)
+            # found: nothing to publish; no lease (the store failed, or waited too long): publish anyway
+            yield Slot(found, _keep if found is not None else lambda e: self._publish(e, replace=not lookup))
             return
         held = [lease]  # the newest token, renewed by the heartbeat
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(name, held, stop), daemon=True)
         beat.start()
         try:
-            yield Slot(None, self._publish)
+            yield Slot(None, lambda entry: self._publish(entry, replace=not lookup))
         finally:
             stop.set()
             beat.join(timeout=30)
@@ -382,6 +392,10 @@ class SharedCache:
                 self._say(CacheEvent("warning", stage, key, detail=f"no lease, building anyway: {exc.message}"))
                 return None, None
             if lease is not None:
+                hit = self._pull(stage, key, result_type) if lookup else None
+                if hit is not None:  # published by the previous holder while we settled
+                    self._quietly("release the lease", functools.partial(self.store.delete_lease, name, lease))
+                    return hit, None
                 self._say(CacheEvent("lease", stage, key, round(time.monotonic() - waited, 2)))
                 return None, lease
             if not announced:
@@ -452,11 +466,11 @@ class SharedCache:
         self._say(CacheEvent("pull", stage, key, round(time.monotonic() - t, 2), idx.bytes))
         return cache.lookup(stage, key, result_type)
 
-    def _publish(self, entry: cache.Entry) -> None:
+    def _publish(self, entry: cache.Entry, replace: bool = False) -> None:
         t = time.monotonic()
         idx = index_of(entry.dir, entry.stage, entry.key, self.runner)
         try:
-            pushed = self.store.push(entry.dir, idx)
+            pushed = self.store.push(entry.dir, idx, replace)
         except SharedCacheError as exc:
             self._say(CacheEvent("warning", entry.stage, entry.key, detail=f"push failed: {exc.message}"))
             return

@@ -231,3 +231,40 @@ def test_webhook_notification(tmp_path: Path) -> None:
         srv.server_close()
     warning = notify.notify(spec, "failure", {"unit": "u"})
     assert warning is not None and "secret" not in warning and "not delivered" in warning
+
+
+# ---------------------------------------------------------------- plan reasons
+
+
+def test_plan_reasons_from_the_record(tmp_path: Path) -> None:
+    """Why a unit is rebuilt, from the keys a build would use now against its last record."""
+    from imagekit import pipeline as pl
+    from imagekit.ci.plan import _build_reasons
+    from imagekit.ci.shared import UnitRecord
+
+    p = write(tmp_path, {"name": "r", "images": [{"recipe": "r.yaml", "rebuild": {"max_age": "1d"}},
+                                                 {"recipe": "r.yaml", "name": "fixed", "rebuild": {"upstream": False}}]})
+    pipe = model.load(p)
+    unit, fixed = pipe.units
+    tools = pl.tool_versions()
+    keys = pl.StageKeys("b" * 64, "c" * 64, "o" * 64)
+
+    def record(keys: pl.StageKeys, digest: str = "d1", created: str = "2099-01-01T00:00:00Z",
+               tools_: Any = tools) -> UnitRecord:
+        return UnitRecord("r", "r", "tiny", digest, keys, tools_, "x.qcow2", "qcow2", "s" * 64, 1, 1, created, "me")
+
+    def codes(u: Any, rec: UnitRecord | None, now_keys: pl.StageKeys = keys) -> list[str]:
+        return [r.code for r in _build_reasons(u, "d1", now_keys, tools, rec, None)]
+
+    assert codes(unit, None) == ["never-built"]
+    assert codes(unit, record(keys, digest="d0"), pl.StageKeys("b" * 64, "c" * 64, "n" * 64)) == ["recipe-changed"]
+    from imagekit.builders.base import ToolVersions
+
+    other_tools = ToolVersions(imagekit="0.0.1")
+    assert codes(unit, record(keys, tools_=other_tools), pl.StageKeys("x" * 64, "y" * 64, "z" * 64)) == [
+        "tools-changed"]
+    upstream = pl.StageKeys("u" * 64, "v" * 64, "w" * 64)  # same recipe and tools, another base
+    assert codes(unit, record(keys), upstream) == ["upstream-changed"]
+    assert codes(fixed, record(keys), upstream) == []  # rebuild.upstream: false
+    assert codes(unit, record(keys, created="2000-01-01T00:00:00Z")) == ["too-old"]
+    assert codes(unit, record(keys)) == ["cache-miss"]  # recorded, but the output is in no cache

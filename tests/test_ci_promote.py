@@ -70,6 +70,10 @@ def test_promote_with_a_glance_stopped_midway_resumes(ci_project: Project, regis
         two_clouds.start("cloud-b")
     left = [i for i in owned(two_clouds, "cloud-b", "halfway") if i["status"] != "active"]
     assert left, "the interrupted upload left a record in cloud-b"
+    plan = project.ci("plan")
+    assert plan.code == 0, plan.err[-2000:]
+    reasons = {r["code"]: r["detail"] for r in plan.json()["units"][0]["reasons"]}
+    assert "cloud-b" in reasons["missing-in-cloud"] and "cloud-a" not in reasons["missing-in-cloud"]
 
     again = project.ci("promote", "tiny-p", "--to", "stable", "--force")
     assert again.code == 0, again.err[-3000:]
@@ -139,3 +143,22 @@ def test_stalled_import_is_retried_with_the_other_method(ci_project: Project, re
     imgs = owned(two_clouds, "cloud-a", "stalled")
     assert [(i["status"], i["properties"]["imagekit_channel"]) for i in imgs] == [("active", "stable")], imgs
     assert Path(project.folder).is_dir()
+
+
+def test_gate_failure_removes_the_candidate_and_blocks_promotion(ci_project: Project, registry: Registry,
+                                                                 two_clouds: Clouds, served: FileServer) -> None:
+    """The tiny image reaches a login prompt but runs no cloud-init: a gate waiting for cloud-init fails."""
+    project = ci_project
+    project_for(project, "failing", registry, served, [{"name": "cloud-a"}, {"name": "cloud-b"}])
+    doc = yaml.safe_load(project.pipeline.read_text())
+    doc["gate"] = {"boot": {"wait_for": "cloud-init", "timeout": "12s", "memory": 256}}
+    project.write_pipeline(doc)
+    gate = project.ci("gate", "tiny-p")
+    assert gate.code == 1 and gate.json()["code"] == "ci-gate-failed", gate.err[-2000:]
+    assert "was removed" in gate.json()["error"]
+    report = (project.folder / "ci-out" / "tiny-p" / "gate-junit.xml").read_text()
+    assert "<failure" in report and "did not reach cloud-init" in report
+    assert owned(two_clouds, "cloud-a", "failing") == []  # the candidate is gone
+    promote = project.ci("promote", "tiny-p", "--to", "stable")
+    assert promote.code == 1 and promote.json()["code"] == "ci-not-tested"
+    assert owned(two_clouds, "cloud-a", "failing") == owned(two_clouds, "cloud-b", "failing") == []

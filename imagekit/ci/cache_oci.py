@@ -217,9 +217,9 @@ class OciStore:
                 raise SharedCacheError(f"{f.path} of entry {index.stage}-{index.key[:12]} does not match its digest",
                                        "the registry returned other data; the entry is not used")
 
-    def push(self, folder: Path, index: EntryIndex) -> bool:
+    def push(self, folder: Path, index: EntryIndex, replace: bool = False) -> bool:
         tag = f"e-{index.stage}-{index.key}"
-        if self._manifest(tag) is not None:
+        if not replace and self._manifest(tag) is not None:
             return False
         layers = [self._upload(folder / f.path, FILE_TYPE, f"sha256:{f.sha256}", f.size, f.path) for f in index.files]
         config = self._upload_bytes(INDEX_JSON.dump_json(index), INDEX_TYPE)
