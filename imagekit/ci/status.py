@@ -82,7 +82,7 @@ th, td { border: 1px solid #bbb; padding: .35em .6em; text-align: left; vertical
 thead th { background: #eef; } th.cloud { text-align: center; background: #dde; }
 td.latest { background: #d8f5d0; } td.older { background: #ffe2b8; } td.empty { color: #999; }
 td.drift { color: #a00; } td.ok { color: #060; }
-code { font-size: .95em; } .age { color: #555; font-size: .85em; }
+code { font-size: .95em; } .age { color: #555; font-size: .85em; } tbody th, code { white-space: nowrap; }
 """
 
 
