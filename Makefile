@@ -7,11 +7,17 @@ PY        := $(VENV)/bin/python
 IMAGEKIT  := $(VENV)/bin/imagekit
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
+STAMP_NPM := $(VENV)/.npm-done
 # Debian packages imagekit needs (qemu, libguestfs + its Python binding, DIB's helpers).
 APT_PACKAGES := qemu-utils qemu-system-x86 libguestfs-tools python3-guestfs python3-venv \
   linux-image-amd64 debootstrap sudo xorriso curl ca-certificates fdisk gdisk kpartx \
   dosfstools squashfs-tools zstd util-linux
 APT_PACKAGES += fish  # tests/test_completion.py has fish itself complete imagekit's words (complete -C)
+# imagekit ci: the registry for the shared step cache (tests), a bootable test image (syslinux, busybox),
+# gitlab-ci-local's file sync (rsync) and npm, headless Chromium for the status page test.
+APT_PACKAGES += docker-registry syslinux syslinux-common mtools busybox-static rsync chromium git  # imagekit ci
+# gitlab-ci-local runs the emitted GitLab pipelines in the tests (4.73.0: the newest that runs on Node 20).
+GITLAB_CI_LOCAL := gitlab-ci-local@4.73.0
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.
@@ -27,8 +33,9 @@ help:
 	@echo "make lint   - ruff (complexity, argument count) + mypy on imagekit/"
 	@echo "make setup  - install apt packages and the venv (every target does this first)"
 
-setup: $(STAMP_PIP)
+setup: $(STAMP_PIP) $(STAMP_NPM)
 
+# Checked again when the Makefile changes (a new APT_PACKAGES line): only missing packages are installed.
 $(STAMP_APT): Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || echo $$p; done); \
@@ -43,6 +50,13 @@ $(STAMP_APT): Makefile
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])') && \
 	for f in $$(dpkg -L python3-guestfs | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
 	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
+	@touch $@
+
+# npm packages in a project-local prefix ($(VENV)/npm), with the machine's Node.js (Debian's nodejs/npm if none).
+$(STAMP_NPM): $(STAMP_APT) Makefile
+	@command -v npm >/dev/null || { echo "installing Debian's nodejs and npm"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm $(GITLAB_CI_LOCAL)
 	@touch $@
 
 # editable_mode=compat: a plain path in a .pth file; the default mode's import finder costs every

@@ -1,4 +1,9 @@
-"""`make bench`: run every benchmark in bench/ (each prints its own ratios)."""
+"""`make bench`: run every benchmark in bench/ (each prints its own ratios).
+
+Every ``bench_*.py`` is run, in name order: build, check, ci (a two-image ``imagekit ci``
+pipeline cold vs warm, the shared cache's pull vs ``cp``), convert, upload. Give names to run
+only some: ``python bench/run_all.py ci upload``.
+"""
 
 from __future__ import annotations
 

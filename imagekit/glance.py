@@ -70,6 +70,12 @@ class VerifyError(GlanceError):
     """Glance stored something else than what was sent (size or digest differ)."""
 
 
+class ImportStalled(GlanceError):
+    """An import (glance-direct, web-download) did not finish within its timeout."""
+
+    code = "import-stalled"
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -261,7 +267,7 @@ def _wait_import(c: Cloud, image_id: str, timeout: float, progress: Progress | N
             raise GlanceError(f"Glance's import task ended but the image is still {status}",
                               "see the Glance server log for the task's error")
         if time.monotonic() > deadline:
-            raise GlanceError(f"the import did not finish within {timeout:g} s (status {status})",
+            raise ImportStalled(f"the import did not finish within {timeout:g} s (status {status})",
                               "raise the timeout for big images or slow URLs")
         time.sleep(delay)
         delay = min(delay * 1.5, 3.0)
@@ -476,6 +482,7 @@ def _result(c: Cloud, p: Plan, img: dict[str, Any], sent: _Sent, seconds: float)
                         cloud=c.describe(), lint=[f.to_dict() for f in p.lint])
 
 
-__all__ = ["CHUNK", "IMAGE_FIELDS", "SEND_CHUNK", "CloudError", "GlanceError", "HashingReader", "Plan", "Progress",
+__all__ = ["CHUNK", "IMAGE_FIELDS", "SEND_CHUNK", "CloudError", "GlanceError", "HashingReader", "ImportStalled", "Plan",
+           "Progress",
            "PruneAction", "UploadOptions", "UploadResult", "VerifyError", "image_dict", "list_images", "plan", "prune",
            "summary", "upload"]

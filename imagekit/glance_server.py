@@ -362,6 +362,7 @@ def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = Non
     if port < 1 or port > 65535:
         raise GlanceServerError(f"port {port} is out of range")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no obstacle
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:

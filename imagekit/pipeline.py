@@ -19,6 +19,7 @@ handed down to every VM this build starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -39,10 +40,11 @@ from imagekit.specs import parse_size
 from imagekit.verdict import Finding
 
 if TYPE_CHECKING:
+    from imagekit.cache_remote import SharedCache
     from imagekit.recipe import Recipe
 
 __all__ = ["BaseImage", "BuildError", "BuildOptions", "BuildResult", "Checked", "Converted", "Customised",
-           "StageResult", "Uploaded", "build", "tool_versions"]
+           "StageKeys", "StageResult", "Uploaded", "build", "stage_keys", "tool_versions"]
 
 log = logging.getLogger("imagekit.pipeline")
 
@@ -53,12 +55,14 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class BuildOptions:
     """What the caller decided: the accelerator (resolved once: ``accel.resolve``), the cache,
-    the network for commands run in the guest, and the cloud to upload to (None: no upload)."""
+    the network for commands run in the guest, the cloud to upload to (None: no upload), and the
+    step cache shared with other machines (``imagekit.cache_remote``; None: this machine's only)."""
 
     accel: accel.AccelChoice
     use_cache: bool = True
     network: bool = True
     upload_cloud: str | None = None
+    shared: SharedCache | None = None
 
 
 # ---------------------------------------------------------------- stage results
@@ -184,6 +188,24 @@ def _quiet(stage: str, message: str) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class StageKeys:
+    """The cache keys a build of a recipe would use, stage by stage (``convert`` is the output's)."""
+
+    base: str
+    customise: str
+    convert: str
+
+
+def stage_keys(recipe: Recipe, network: bool = True, tools: ToolVersions | None = None) -> StageKeys:
+    """The keys of the cached stages, computed as :func:`build` does, without building anything
+    (a cloud-image recipe with a ``checksum_url`` reads that file: a new upstream is a new key)."""
+    tools = tools or tool_versions()
+    base = cache.digest(builders.get(recipe.build.method).cache_inputs(recipe, tools))
+    cust = cache.digest(_customise_inputs(recipe, base, tools, network))
+    return StageKeys(base, cust, cache.digest(_convert_inputs(recipe, cust, tools)))
+
+
 @dataclass
 class _Run:
     recipe: Recipe
@@ -231,21 +253,29 @@ def _cached_stage(run: _Run, name: str, cache_name: str, inputs: dict[str, Any],
                   place: Callable[[R, cache.Entry], R] = lambda r, _e: r) -> tuple[cache.Entry, R]:
     """Take a stage's result from the cache, or produce it into a new entry (complete or absent).
 
-    ``place`` turns a result as stored (paths relative to its entry) into one to use.
+    On a local miss the shared cache (``options.shared``) is asked, and an entry produced here
+    is published to it. ``place`` turns a result as stored (paths relative to its entry) into one
+    to use.
     """
     run.say(name, "looking in the step cache" if run.options.use_cache else "starting")
     key = cache.digest(inputs)
     t = time.monotonic()
     found = cache.lookup(cache_name, key, result_type) if run.options.use_cache else None
-    if found is not None:
-        entry, result = found[0], cast(R, found[1])
-        run.say(name, hit_message)
-    else:
-        with cache.new_entry(cache_name, key) as tmp:
-            result = produce(tmp)
-            tmp.write_meta(cache.EntryMeta(stage=cache_name, key=key, recipe=run.recipe.name, inputs=inputs,
-                                           result=cache.encode(result), created=_now()))
-        entry = cache.entry(cache_name, key)
+    shared = run.options.shared if found is None else None
+    with shared.slot(cache_name, key, result_type, lookup=run.options.use_cache) if shared is not None \
+            else contextlib.nullcontext() as slot:
+        found = found or (slot.found if slot is not None else None)
+        if found is not None:
+            entry, result = found[0], cast(R, found[1])
+            run.say(name, hit_message if slot is None else f"{hit_message} (shared)")
+        else:
+            with cache.new_entry(cache_name, key) as tmp:
+                result = produce(tmp)
+                tmp.write_meta(cache.EntryMeta(stage=cache_name, key=key, recipe=run.recipe.name, inputs=inputs,
+                                               result=cache.encode(result), created=_now()))
+            entry = cache.entry(cache_name, key)
+            if slot is not None:
+                slot.publish(entry)
     result = place(result, entry)
     run.stages.append(StageResult(name, key, found is not None, round(time.monotonic() - t, 2),
                                   str(entry.artifact), cast(StageOutput, result)))
@@ -280,11 +310,14 @@ def _build_stage(run: _Run) -> tuple[cache.Entry, BaseImage[Any]]:
 # ---------------------------------------------------------------- 2. customise
 
 
+def _customise_inputs(recipe: Recipe, base_key: str, tools: ToolVersions, network: bool) -> dict[str, Any]:
+    return {"steps": [s.model_dump(mode="json") for s in recipe.customise],
+            "files": steps.host_file_digests(recipe.customise),  # absolute paths, resolved at load
+            "base": base_key, "guestfs": tools.libguestfs, "network": network}
+
+
 def _customise_stage(run: _Run, base_entry: cache.Entry, base: BaseImage[Any]) -> tuple[cache.Entry, Customised]:
-    recipe = run.recipe
-    inputs = {"steps": [s.model_dump(mode="json") for s in recipe.customise],
-              "files": steps.host_file_digests(recipe.customise),  # absolute paths, resolved at load
-              "base": base_entry.key, "guestfs": run.tools.libguestfs, "network": run.options.network}
+    inputs = _customise_inputs(run.recipe, base_entry.key, run.tools, run.options.network)
     return _cached_stage(run, "customise", "customise", inputs, Customised,
                          lambda entry: _run_customise(run, base, entry), "customised image from cache")
 
@@ -326,9 +359,13 @@ def _run_customise(run: _Run, base: BaseImage[Any], entry: cache.Entry) -> Custo
 # ---------------------------------------------------------------- 3. convert, 4. check
 
 
+def _convert_inputs(recipe: Recipe, cust_key: str, tools: ToolVersions) -> dict[str, Any]:
+    return {"output": recipe.output.model_dump(mode="json"), "customised": cust_key, "qemu-img": tools.qemu_img}
+
+
 def _convert_stage(run: _Run, cust_entry: cache.Entry) -> tuple[cache.Entry, Converted]:
     out = run.recipe.output
-    inputs = {"output": out.model_dump(mode="json"), "customised": cust_entry.key, "qemu-img": run.tools.qemu_img}
+    inputs = _convert_inputs(run.recipe, cust_entry.key, run.tools)
 
     def produce(entry: cache.Entry) -> Converted:
         run.say("convert", f"converting to {out.format}")

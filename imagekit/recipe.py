@@ -360,11 +360,13 @@ def validate_data(data: dict[str, Any], source: str = "<recipe>", now: _dt.datet
     return recipe.model_copy(update={"source": source, "digest": raw_digest})
 
 
-def load(ref: str | Path, now: _dt.datetime | None = None, *, confined: bool = False) -> Recipe:
+def load(ref: str | Path, now: _dt.datetime | None = None, *, confined: bool = False,
+         variables: dict[str, str] | None = None) -> Recipe:
     """Load a recipe by name (search path) or by file path, resolving ``extends``.
 
     ``confined``: the recipe comes from an untrusted source; ``imagekit.confine``'s rules apply
-    to every file of the chain that is not a shipped recipe (all problems reported at once)."""
+    to every file of the chain that is not a shipped recipe (all problems reported at once).
+    ``variables`` are set over the recipe's ``vars`` (a CI pipeline's matrix row)."""
     files: list[tuple[Path, dict[str, Any]]] = []
     data, path = _resolve_raw(ref, files=files)
     early: list[str] = []
@@ -372,6 +374,8 @@ def load(ref: str | Path, now: _dt.datetime | None = None, *, confined: bool = F
         for file, raw in files:
             if not confine.is_trusted(file):
                 early += confine.raw_problems(raw, file)
+    if variables:
+        data = deep_merge(data, {"vars": dict(variables)})
     return validate_data(data, str(path), now, base_dir=path.parent, confined=confined, problems=early)
 
 

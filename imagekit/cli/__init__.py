@@ -21,6 +21,7 @@ import click
 
 from imagekit import signals
 from imagekit.cli import build as _build  # noqa: F401 - registers the commands
+from imagekit.cli import ci as _ci  # noqa: F401
 from imagekit.cli import doctor as _doctor  # noqa: F401
 from imagekit.cli import document
 from imagekit.cli import glance as _glance  # noqa: F401
