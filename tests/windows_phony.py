@@ -141,6 +141,12 @@ FILES: dict[str, bytes] = {
     f"{VIOSCSI_STORE}/vioscsi.inf": b"[Version]\r\nCatalogFile=vioscsi.cat\r\nDriverVer=01/01/2024,100.95.104.26200\r\n"
                                     b"Provider=%RedHat%\r\n[SourceDisksFiles]\r\nvioscsi.sys=1\r\n"
                                     b"[Strings]\r\nRedHat=\"Red Hat, Inc.\"\r\n",
+    "Windows/INF/oem0.inf": b"[Version]\r\nClass=Net\r\nCatalogFile=netkvm.cat\r\n"
+                            b"DriverVer=01/01/2024,100.95.104.26200\r\nProvider=%RedHat%\r\n"
+                            b"[Strings]\r\nRedHat=\"Red Hat, Inc.\"\r\n",
+    "Windows/INF/oem1.inf": "[Version]\r\nClass=SCSIAdapter\r\nCatalogFile=vioscsi.cat\r\n"
+                            "DriverVer=01/01/2024,100.95.104.26200\r\nProvider=%RedHat%\r\n"
+                            "[Strings]\r\nRedHat=\"Red Hat, Inc.\"\r\n".encode("utf-16"),
     f"{VIOSCSI_STORE}/vioscsi.sys": b"MZ phony vioscsi",
     f"{VIOSCSI_STORE}/vioscsi.cat": b"phony catalogue",
     f"{CBI}/conf/cloudbase-init.conf": b"[DEFAULT]\r\nusername=Admin\r\nlocal_scripts_path=C:\\Program Files\\"
