@@ -12,6 +12,7 @@ be for the installed cloudbase-init (the tests compare the two).
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 
 KINDS = {"BoolOpt": "bool", "IntOpt": "int", "FloatOpt": "float", "StrOpt": "str", "ListOpt": "list",
@@ -56,7 +57,9 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 
 def _classes_in(path: Path) -> dict[str, list[str]]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    with warnings.catch_warnings():  # cloudbase-init's sources have invalid escape sequences
+        warnings.simplefilter("ignore")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
 
 

@@ -14,7 +14,7 @@ Windows program ever runs on it.
 
 ``phony_image()`` builds it once (under the machine-wide build lock) and caches it in
 ``~/.cache/imagekit-tests/`` by ``PHONY_VERSION``; ``variants()`` makes qcow2 overlays of
-it each missing one piece, in one appliance run.
+it each missing one piece, in one appliance run, and keeps that appliance for checking them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imagekit.guest import GuestSession
 from imagekit.windows import hives as H
 from imagekit.windows.unattend import ADMIN_SUFFIX, encode_password
 from tests.guest_image import build_lock, cache_dir
@@ -270,23 +271,55 @@ VARIANTS: dict[str, Callable[[Any], None]] = {
 }
 
 
-def variants(base: Path, folder: Path, names: list[str]) -> dict[str, Path]:
-    """qcow2 overlays of ``base`` in ``folder``, each changed by ``VARIANTS[name]`` (one appliance run)."""
+def variants(base: Path, folder: Path, names: list[str]) -> tuple[Any, dict[str, GuestSession]]:
+    """qcow2 overlays of ``base`` in ``folder``, each changed by ``VARIANTS[name]``, all in ONE appliance
+    (returned: the libguestfs handle, to close, and a session per overlay, to mount with ``mount_variant``).
+
+    The overlays are not inspected again: they differ from ``base`` only in what the offline checks
+    read (hives and files), so their sessions answer inspection questions with ``base``'s answers
+    (``facts``), while their filesystems are the overlays' own."""
     from imagekit import run as runner
 
-    out: dict[str, Path] = {}
+    paths: dict[str, Path] = {}
     for name in names:
         p = folder / f"{name}.qcow2"
         runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(p)], timeout=60)
-        out[name] = p
-    g = _guestfs(out[names[0]], extra=tuple(out[n] for n in names[1:]))
+        paths[name] = p
+    g = _guestfs(paths[names[0]], extra=tuple(paths[n] for n in names[1:]))
+    sessions: dict[str, GuestSession] = {}
     try:
-        devices = g.list_devices()
-        for name, dev in zip(names, devices, strict=True):
+        for name, dev in zip(names, g.list_devices(), strict=True):
             g.mount(f"{dev}3", "/")
             VARIANTS[name](g)
             g.umount_all()
-        g.shutdown()
-    finally:
+            s = _Overlay(str(paths[name]), "qcow2", True, False, _choice())
+            s.g, s.root = g, f"{dev}3"
+            sessions[name] = s
+    except BaseException:
         g.close()
-    return out
+        raise
+    return g, sessions
+
+
+FACTS = {"type": "windows", "distro": "windows", "osinfo": "win2k22", "product_variant": "Server",
+         "product_name": PRODUCT, "windows_systemroot": "/Windows", "arch": "x86_64"}
+
+
+class _Overlay(GuestSession):
+    """A session on an overlay of the phony disk, mounted by device, inspection facts from ``FACTS``."""
+
+    def info(self, key: str) -> Any:
+        return FACTS.get(key)
+
+
+def mount_variant(s: GuestSession) -> GuestSession:
+    s.g.umount_all()
+    s.g.mount_ro(s.root, "/")
+    s.mounts = [("/", s.root)]
+    return s
+
+
+def _choice() -> Any:
+    from imagekit.accel import AccelChoice
+
+    return AccelChoice("tcg", "tcg", "test")
