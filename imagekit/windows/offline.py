@@ -42,6 +42,7 @@ ANSWER_PLACES = ("/Windows/Panther", "/Windows/System32/Sysprep", "/Windows/Setu
                  "/autounattend.xml", "/Windows/Temp", CBI_DIR + "/conf")
 MAX_SCAN = 16 << 20  # bytes read of one file
 MAX_FILES = 5000  # files looked at in all
+PIECE = 1 << 20  # bytes per read: libguestfs messages are at most 4 MiB
 _PASSWORD_XML = re.compile(rb"<(AdministratorPassword|Password)>\s*<Value>([^<]*)</Value>", re.IGNORECASE)
 
 
@@ -136,11 +137,19 @@ def _path(s: GuestSession, path: str) -> str | None:
 
 
 def _read(s: GuestSession, path: str) -> bytes:
+    """The first MAX_SCAN bytes of a guest file (b"" when it is not a file), read in pieces small
+    enough for libguestfs' protocol."""
     real = _path(s, path)
     if real is None or not s.g.is_file(real):
         return b""
-    size = int(s.g.filesize(real))
-    return bytes(s.g.pread(real, min(size, MAX_SCAN), 0)) if size else b""
+    size = min(int(s.g.filesize(real)), MAX_SCAN)
+    out = bytearray()
+    while len(out) < size:
+        piece = bytes(s.g.pread(real, min(PIECE, size - len(out)), len(out)))
+        if not piece:
+            break
+        out += piece
+    return bytes(out)
 
 
 def _cloudbase(s: GuestSession, hv: H.GuestHives, out: list[Finding]) -> None:
