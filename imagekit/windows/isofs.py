@@ -57,7 +57,7 @@ class Tree:
             iso.open(str(self.source))
         except (PyCdlibException, OSError, ValueError) as exc:
             raise MediaError(f"{self.source} is not a readable ISO image: {exc}",
-                             "check the download (its checksum) or give the unpacked folder instead") from exc
+                             "check the download (its checksum); pycdlib reads UDF, Joliet and ISO 9660 images") from exc
         self._iso = iso
         has_udf = iso.has_udf() and self._iso_children("udf_path", "/")
         self._kind = "udf_path" if has_udf else "joliet_path" if iso.has_joliet() else \
