@@ -18,6 +18,8 @@ APT_PACKAGES += fish  # tests/test_completion.py has fish itself complete imagek
 APT_PACKAGES += docker-registry syslinux syslinux-common mtools busybox-static rsync chromium git  # imagekit ci
 # gitlab-ci-local runs the emitted GitLab pipelines in the tests (4.73.0: the newest that runs on Node 20).
 GITLAB_CI_LOCAL := gitlab-ci-local@4.73.0
+APT_PACKAGES += wimtools ovmf swtpm swtpm-tools python3-hivex libhivex-bin  # Windows builds: install.wim editions (wimlib), UEFI + Secure Boot firmware, TPM 2.0, registry hives (hivex)
+APT_PACKAGES += genisoimage mtools  # Windows tests: a UDF install ISO like Microsoft's; the FAT image of the UEFI-shell stand-in guest
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.
@@ -48,8 +50,10 @@ $(STAMP_APT): Makefile
 	@test -x $(SYSTEM_PYTHON) || { echo "error: $(SYSTEM_PYTHON) missing" >&2; exit 1; }
 	@test -d $(VENV) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])') && \
-	for f in $$(dpkg -L python3-guestfs | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
+	for f in $$(dpkg -L python3-guestfs | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done && \
+	for f in $$(dpkg -L python3-hivex | grep -E '/dist-packages/([^/]+\.so|hivex)$$'); do ln -sfn "$$f" "$$site/"; done
 	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
+	@$(PY) -c 'import hivex' || { echo "error: the hivex binding is not importable in $(VENV)" >&2; exit 1; }
 	@touch $@
 
 # npm packages in a project-local prefix ($(VENV)/npm), with the machine's Node.js (Debian's nodejs/npm if none).

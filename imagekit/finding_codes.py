@@ -173,6 +173,15 @@ CODES: dict[str, str] = {
     "vdi-bad-header": "The VDI header is missing, truncated or invalid (version, type, sizes).",
     "vdi-bmap-outside-file": "The VDI block map lies outside the file.",
     "vdi-block-outside-file": "VDI blocks point beyond the end of the file.",
+    # ---- Windows builds: the offline checks of the installed image (imagekit/windows/offline.py)
+    "not-windows": "libguestfs finds no Windows installation in the built image.",
+    "wrong-release": "The installed Windows is not the release (version, product) the recipe asks for.",
+    "not-generalized": "sysprep did not finish: the image state is not IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE.",
+    "cloudbase-init-missing": "The cloudbase-init service or its configuration is missing.",
+    "storage-driver-not-boot-start": "The virtio storage driver for the declared disk bus is not a boot-start service "
+                                     "(the image would not find its disk).",
+    "network-driver-missing": "NetKVM (the virtio network driver) is not in the driver store.",
+    "build-password-left": "The build-only password is still in an answer file, Panther log or Winlogon.",
 }
 
 

@@ -4,8 +4,10 @@
 
 1. the OS profile (``os_type``, ``os_distro``, ``os_version``, ``architecture``
    and the hardware defaults that suit the OS and architecture: virtio disk and
-   NIC for Linux, virtio-scsi + q35 for Windows, UEFI + ``virt`` for aarch64,
-   UEFI + q35 for a Windows build with ``firmware: uefi``);
+   NIC for Linux, virtio-scsi + q35 for Windows, UEFI + ``virt`` for aarch64;
+   for a Windows build: the disk bus it is built on, UEFI for ``firmware: uefi``,
+   ``os_secure_boot=required`` and a TPM 2.0 (``tpm-crb``) when the build has them,
+   the guest agent, and ``os_admin_user`` = the user cloudbase-init creates);
 2. the recipe's ``glance.properties``;
 3. ``--property k=v`` from the command line;
 
@@ -28,6 +30,7 @@ from imagekit import __version__
 from imagekit.errors import ImagekitError, UsageError
 
 if TYPE_CHECKING:
+    from imagekit.builders.windows import WindowsBuild
     from imagekit.recipe import Recipe
 
 Severity = Literal["error", "warning"]
@@ -53,6 +56,8 @@ ENUMS: dict[str, frozenset[str]] = {
     "os_require_quiesce": frozenset({"yes", "no"}),
     "hw_boot_menu": frozenset({"true", "false"}),
     "hw_vif_multiqueue_enabled": frozenset({"true", "false"}),
+    "hw_tpm_version": frozenset({"1.2", "2.0"}),
+    "hw_tpm_model": frozenset({"tpm-tis", "tpm-crb"}),
 }
 # Glance sets these itself (or refuses them): never as --property.
 RESERVED = frozenset({
@@ -91,6 +96,12 @@ RULES: dict[str, str] = {
     "P013": "hw_scsi_model is set but the disk bus is not scsi (no effect)",
     "P014": "os_type=windows but os_distro is not windows",
     "P015": "Windows with hw_firmware_type=uefi should use hw_machine_type=q35",
+    "P016": "os_admin_user differs from the user cloudbase-init creates in the Windows image",
+    "P017": "hw_disk_bus differs from the bus the Windows image was built on (its boot-start storage driver)",
+    "P018": "hw_tpm_model=tpm-crb needs hw_tpm_version=2.0",
+    "P019": "a Windows 11 image needs hw_tpm_version=2.0, os_secure_boot and UEFI",
+    "P020": "hw_firmware_type differs from the firmware the Windows image was installed for",
+    "P021": "hw_tpm_model without hw_tpm_version: Nova adds no TPM",
 }
 
 
@@ -155,13 +166,29 @@ def profile(recipe: Recipe) -> dict[str, str]:
     }
     if os_.type == "windows":
         props.update(hw_disk_bus="scsi", hw_scsi_model="virtio-scsi", hw_vif_model="virtio", hw_machine_type="q35")
-        if isinstance(recipe.build, WindowsBuild) and recipe.build.firmware == "uefi":
-            props["hw_firmware_type"] = "uefi"
+        if isinstance(recipe.build, WindowsBuild):
+            props.update(_windows_build_profile(recipe.build))
+            if props["hw_disk_bus"] != "scsi":
+                del props["hw_scsi_model"]
     else:
         props.update(hw_disk_bus="virtio", hw_vif_model="virtio")
     if os_.arch == "aarch64":
         props.update(hw_firmware_type="uefi", hw_machine_type="virt")
     return props
+
+
+def _windows_build_profile(spec: WindowsBuild) -> dict[str, str]:
+    """What a Windows build makes true of its image."""
+    out = {"hw_qemu_guest_agent": "yes", "os_admin_user": spec.cloudbase_init.user}
+    if spec.disk_bus is not None:
+        out["hw_disk_bus"] = spec.disk_bus
+    if spec.firmware == "uefi":
+        out["hw_firmware_type"] = "uefi"
+    if spec.secure_boot:
+        out["os_secure_boot"] = "required"
+    if spec.tpm:
+        out.update(hw_tpm_version="2.0", hw_tpm_model="tpm-crb")
+    return out
 
 
 def provenance(recipe: Recipe | None) -> dict[str, str]:
@@ -295,6 +322,45 @@ def _windows(p: _Props) -> Iterator[Finding]:
         yield Finding("P015", "warning", "hw_machine_type", f"Windows with UEFI boots best with q35, not {machine}")
 
 
+def _tpm(p: _Props) -> Iterator[Finding]:
+    """P018 / P021: TPM model and version as Nova accepts them."""
+    version, model = p["hw_tpm_version"], p["hw_tpm_model"]
+    if model == "tpm-crb" and version not in (None, "2.0"):
+        yield Finding("P018", "error", "hw_tpm_model", f"tpm-crb is a TPM 2.0 interface: hw_tpm_version is {version}")
+    if model is not None and version is None:
+        yield Finding("P021", "warning", "hw_tpm_model",
+                      "hw_tpm_model is set but hw_tpm_version is not: Nova adds no TPM without a version")
+
+
+def _windows_build(p: _Props) -> Iterator[Finding]:
+    """P016 / P017 / P019 / P020: what a Windows image built by imagekit needs of its properties."""
+    from imagekit.builders.windows import WindowsBuild, disk_bus
+
+    recipe = p.recipe
+    if recipe is None or not isinstance(recipe.build, WindowsBuild):
+        return
+    spec = recipe.build
+    admin = p["os_admin_user"]
+    if (admin or "Administrator") != spec.cloudbase_init.user:
+        yield Finding("P016", "error", "os_admin_user",
+                      f"os_admin_user is {admin or 'unset (Nova uses Administrator)'} but cloudbase-init creates "
+                      f"'{spec.cloudbase_init.user}': Nova would set the password of the wrong account")
+    built = disk_bus(recipe)
+    if (p["hw_disk_bus"] or "virtio") != built:
+        yield Finding("P017", "error", "hw_disk_bus",
+                      f"hw_disk_bus is {p['hw_disk_bus'] or 'unset (Nova picks virtio)'} but the image was built on "
+                      f"{built}: Windows would not find its boot disk (INACCESSIBLE_BOOT_DEVICE)")
+    firmware = p["hw_firmware_type"] or "bios"
+    if firmware != spec.firmware:
+        yield Finding("P020", "error", "hw_firmware_type",
+                      f"hw_firmware_type is {firmware} but Windows was installed for {spec.firmware} "
+                      f"({'GPT and an EFI system partition' if spec.firmware == 'uefi' else 'MBR'}): it would not boot")
+    if spec.release(recipe.os.version).needs_tpm and not (
+            p["hw_tpm_version"] == "2.0" and p["os_secure_boot"] in ("required", "optional") and firmware == "uefi"):
+        yield Finding("P019", "warning", "hw_tpm_version",
+                      "Windows 11 expects a TPM 2.0 and Secure Boot: set hw_tpm_version=2.0 and os_secure_boot")
+
+
 def _quiesce(p: _Props) -> Iterator[Finding]:
     """P006: quiesce needs the agent."""
     if p["os_require_quiesce"] == "yes" and p["hw_qemu_guest_agent"] != "yes":
@@ -312,7 +378,8 @@ def _architecture(p: _Props) -> Iterator[Finding]:
                       f"aarch64 guests boot with UEFI only (hw_firmware_type is {firmware or 'unset'})")
 
 
-RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _quiesce, _architecture)
+RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _windows_build, _tpm,
+                                 _quiesce, _architecture)
 
 
 def lint(props: Mapping[str, str], recipe: Recipe | None = None) -> list[Finding]:

@@ -4,7 +4,9 @@
 appliance and reports the operating system (type, distro, version, product
 name, architecture, host name), its package format and manager, kernels,
 boot loader, whether cloud-init and the QEMU guest agent are installed, and
-every installed package (``inspect_list_applications2``).
+every installed package (``inspect_list_applications2``). A Windows guest also
+gets ``windows``: edition, build, image state, computer name, third-party and
+boot-start drivers (``imagekit.windows.inventory``).
 
 ``to_cyclonedx(info)`` (CycloneDX 1.5 JSON) and ``to_spdx(info)`` (SPDX 2.3
 JSON) turn that report into an SBOM whose components carry package URLs:
@@ -156,8 +158,14 @@ def guest_info(s: GuestSession) -> dict[str, Any]:
         "applications": apps,
     }
     if os_type == "windows":
+        from imagekit.windows.inventory import inventory
+
         info["os"]["windows_systemroot"] = _get(s, "windows_systemroot")
         info["os"]["windows_current_control_set"] = _get(s, "windows_current_control_set")
+        info["windows"] = inventory(s).to_dict()
+        names_lower = {n.lower() for n in names}
+        info["qemu_guest_agent"] = info["qemu_guest_agent"] or any("qemu guest agent" in (
+            a.get("display_name") or a["name"]).lower() for a in apps) or "qemu-ga" in names_lower
     return info
 
 

@@ -21,7 +21,6 @@ from imagekit.builders.base import (
     BaseImage,
     BuildContext,
     BuildError,
-    BuildNotImplemented,
     BuildSpec,
     ManifestInput,
     ToolVersions,
@@ -214,14 +213,6 @@ def test_registry_of_shipped_methods() -> None:
     assert err.value.code == "build-method-unknown" and "dib" in (err.value.hint or "")
     with pytest.raises(ValueError, match="already registered"):
         builders.register(builders.get("dib"))
-
-
-def test_windows_method_is_not_implemented_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGEKIT_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(BuildNotImplemented, match="not implemented yet") as err:
-        pipeline.build(rec.load("windows-server-2022"), tmp_path / "out", options())
-    assert err.value.code == "build-method-not-implemented"
-    assert cache.entries() == []
 
 
 def test_dib_builder_rolls_back_its_partial_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

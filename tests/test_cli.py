@@ -46,7 +46,7 @@ def test_validate_all_shipped(imagekit) -> None:
     r = imagekit("--json", "recipes", "validate")
     assert r.code == 0, r.err
     data = r.json()
-    assert data["ok"] and len(data["results"]) == 5
+    assert data["ok"] and len(data["results"]) == 8  # 5 + windows-server-2019, windows-11, windows-10 (issue 13)
 
 
 def test_validate_invalid_exits_2_with_every_problem(imagekit, tmp_path: Path) -> None:

@@ -101,9 +101,33 @@ def guest_inspect_cmd(image: str, sbom: str | None) -> None:
         p(f"  hostname      {o.get('hostname')}", markup=False)
         p(f"  packages      {info['package_count']} ({info.get('package_format')}, "
           f"{info.get('package_management')})", markup=False)
+        if o.get("type") == "windows" and isinstance(info.get("windows"), dict):
+            _windows_lines(info)
+            return
         p(f"  kernels       {', '.join(k['version'] for k in info['kernels']) or 'none'}", markup=False)
         p(f"  boot loader   {info.get('bootloader') or 'none found'}", markup=False)
         p(f"  cloud-init    {'yes' if info['cloud_init'] else 'no'}; qemu-guest-agent "
           f"{'yes' if info['qemu_guest_agent'] else 'no'}", markup=False)
 
     emit(info, human)
+
+
+def _windows_lines(info: dict[str, Any]) -> None:
+    """The Windows part of ``inspect --guest`` (display only; the data is ``info['windows']``)."""
+    p = out_console.print
+    w = info["windows"]
+    p(f"  edition       {w.get('edition_id')} ({w.get('installation_type')}), build {w.get('build')}"
+      + (f", {w['display_version']}" if w.get("display_version") else ""), markup=False)
+    p(f"  image state   {w.get('image_state') or 'unknown'}", markup=False)
+    p(f"  applications  {info['package_count']}: " + ", ".join(
+        f"{a.get('display_name') or a['name']} {a['version']}".strip() for a in info["applications"][:8])
+      + (", ..." if info["package_count"] > 8 else ""), markup=False)
+    drivers = w.get("drivers") or []
+    p(f"  drivers       {len(drivers)} third-party: " + ", ".join(
+        f"{d['name']} {d.get('version') or ''} ({d.get('driver_class') or '?'}, {d.get('provider') or '?'})".replace(
+            "  ", " ") for d in drivers), markup=False)
+    p(f"  boot drivers  {', '.join(w.get('boot_drivers') or []) or 'none'}", markup=False)
+    p(f"  cloudbase-init {'yes' if info['cloudbase_init'] else 'no'}; qemu-guest-agent "
+      f"{'yes' if info['qemu_guest_agent'] else 'no'}", markup=False)
+    for problem in w.get("problems") or []:
+        p(f"  [yellow]note[/]          {problem}")

@@ -33,7 +33,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from imagekit import recipe_errors
 from imagekit.errors import RecipeError
 from imagekit.secrets import Secrets
-from imagekit.steps import accounts, commands, disk, files, packages, system
+from imagekit.steps import accounts, commands, disk, files, packages, system, windows
 from imagekit.steps.base import HostFileError, StepBase, StepContext, StepFailure, StepOutcome
 from imagekit.steps.fields import BASE_DIR, OS_TYPE, HostPath, validation_context
 
@@ -43,7 +43,7 @@ __all__ = [
     "parse_step_texts", "secrets_of", "step_keys", "validation_context",
 ]
 
-FAMILIES = (files, commands, packages, accounts, system, disk)
+FAMILIES = (files, commands, packages, accounts, system, disk, windows)
 STEP_CLASSES: tuple[type[StepBase], ...] = tuple(cls for family in FAMILIES for cls in family.STEPS)
 REGISTRY: dict[str, type[StepBase]] = {cls.op_name(): cls for cls in STEP_CLASSES}
 STEP_OPS = tuple(REGISTRY)

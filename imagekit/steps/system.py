@@ -5,6 +5,11 @@ would (``/etc/hostname`` and ``/etc/hosts``, the ``/etc/localtime`` link,
 ``/etc/locale.conf`` and ``/etc/default/locale``, drop-ins in
 ``/etc/cloud/cloud.cfg.d``). Names are checked when the recipe is validated: host
 names per RFC 1123, timezone and locale names, datasource names.
+
+``hostname`` and ``timezone`` also apply to Windows guests (the registry, through
+``imagekit.steps.windows``): the computer name (at most 15 characters, checked in a
+Windows recipe) and the TCP/IP host name; the time zone named the IANA way, mapped to
+Windows' name and set from the guest's own definition of it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import logging
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from imagekit.steps.base import StepBase, StepContext, StepFailure, StepOutcome
-from imagekit.steps.fields import Datasource, Hostname, Locale, Timezone
+from imagekit.steps.fields import OS_TYPE, Datasource, Hostname, Locale, Timezone
+
+LINUX_AND_WINDOWS = frozenset({"linux", "windows"})
+NETBIOS_MAX = 15
 
 log = logging.getLogger("imagekit.customise")
 
@@ -25,8 +33,25 @@ class HostnameStep(StepBase):
     """hostname: write /etc/hostname and the 127.0.1.1 line of /etc/hosts (Debian family, or
     when the guest already has such a line)."""
 
+    OS_TYPES = LINUX_AND_WINDOWS
+
     op: Literal["hostname"]
     hostname: Hostname
+
+    @field_validator("hostname")
+    @classmethod
+    def _windows_length(cls, v: str, info: ValidationInfo) -> str:
+        os_type = info.context.get(OS_TYPE) if isinstance(info.context, dict) else None
+        if os_type == "windows" and len(v.split(".")[0]) > NETBIOS_MAX:
+            raise ValueError(f"a Windows computer name has at most {NETBIOS_MAX} characters ('{v.split('.')[0]}')")
+        return v
+
+    def windows(self, ctx: StepContext) -> StepOutcome:
+        from imagekit.steps.windows import set_hostname
+
+        if len(self.hostname.split(".")[0]) > NETBIOS_MAX:
+            raise StepFailure(f"a Windows computer name has at most {NETBIOS_MAX} characters")
+        return set_hostname(ctx, self.hostname)
 
     def linux(self, ctx: StepContext) -> StepOutcome:
         s = ctx.session
@@ -52,8 +77,28 @@ class TimezoneStep(StepBase):
     """timezone: point /etc/localtime at /usr/share/zoneinfo/ZONE (relative symlink, as
     timedatectl does) and write /etc/timezone on Debian-family guests."""
 
+    OS_TYPES = LINUX_AND_WINDOWS
+
     op: Literal["timezone"]
     timezone: Timezone
+
+    @field_validator("timezone")
+    @classmethod
+    def _windows_zone(cls, v: str, info: ValidationInfo) -> str:
+        os_type = info.context.get(OS_TYPE) if isinstance(info.context, dict) else None
+        if os_type == "windows":
+            from imagekit.windows.timezones import UnknownTimezone, windows_name
+
+            try:
+                windows_name(v)
+            except UnknownTimezone as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    def windows(self, ctx: StepContext) -> StepOutcome:
+        from imagekit.steps.windows import set_timezone
+
+        return set_timezone(ctx, self.timezone)
 
     def linux(self, ctx: StepContext) -> StepOutcome:
         s = ctx.session
