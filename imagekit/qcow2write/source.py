@@ -1,0 +1,317 @@
+"""The writer's input: a read-only NBD export of the checked input, read with libnbd.
+
+:class:`NbdSource` starts ``qemu-nbd`` through :class:`imagekit.process.Process` in a
+:class:`imagekit.workdir.WorkDir` (so a SIGKILLed run's server is found and ended by the next
+``workdir.reap_stale``), under the same resource limits as qemu-img (``prlimit``: CPU seconds and
+address space), read-only, with the input's *explicit* format as ``--image-opts`` (the file named
+by ``file.filename``, never parsed as a protocol or a ``json:`` spec; ``backing=null`` for formats
+that could name one), over a unix socket in the work folder. ``--persistent --shared=N`` lets
+several connections read in parallel.
+
+:meth:`NbdSource.extents` is the ``base:allocation`` block status (requests below 4 GiB: libnbd
+1.14's limit), so holes and zeroes are never read; :meth:`NbdSource.read` reads at most 32 MiB per
+request (the export's maximum). :func:`allocated_clusters` turns the extents into the output's
+allocated clusters and :func:`read_clusters` reads exactly those, cluster aligned and zero padded
+at the end of the image, in guest order. ``prefetch`` runs such an iterator ahead in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imagekit.errors import ImageReadError, ImagekitError, ToolNotFound
+from imagekit.process import Process
+from imagekit.run import Limits
+from imagekit.workdir import WorkDir
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+log = logging.getLogger("imagekit.qcow2write")
+
+EXPORT = "disk"
+MAX_REQUEST = 32 << 20  # the export's block_size_maximum
+STATUS_REQUEST = 1 << 31  # libnbd 1.14: the count is 32-bit
+READ_PIECE = 4 << 20
+READY_TIMEOUT = 15.0
+_BACKING_FORMATS = ("qcow2", "vmdk", "qed", "qcow")
+
+
+class NbdError(ImagekitError):
+    """The NBD export of the input could not be started or read."""
+
+    code = "nbd-failed"
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    zero: bool  # reads as zeroes: never read, never allocated in the output
+
+
+def _escape(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def image_opts(path: Path, fmt: str) -> str:
+    """``--image-opts`` for ``path`` in format ``fmt`` (qemu's name), read-only, no backing file."""
+    opts = f"driver={fmt},read-only=on,file.driver=file,file.filename={_escape(str(path.resolve()))}"
+    if fmt in _BACKING_FORMATS:
+        opts += ",backing=null"
+    return opts
+
+
+def _nbd_module() -> Any:
+    try:
+        import nbd
+    except ImportError as exc:  # pragma: no cover - make setup installs it
+        raise ToolNotFound("libnbd's Python binding (nbd) is not importable",
+                           "run 'make setup' (it installs python3-libnbd and links it into the venv)") from exc
+    return nbd
+
+
+class NbdSource:
+    """A read-only NBD export of ``path`` (qemu format ``fmt``); a context manager (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str, *, limits: Limits | None = None,
+                 connections: int = 2, work_base: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path)
+        self.fmt = fmt
+        self.limits = limits
+        self.connections = max(1, connections)
+        self.work_base = work_base
+        self.size = 0
+        self._nbd = _nbd_module()
+        self._work: WorkDir | None = None
+        self._proc: Process | None = None
+        self._sock = ""
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ start / stop
+
+    def __enter__(self) -> NbdSource:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _argv(self) -> list[str]:
+        argv = ["qemu-nbd", "--read-only", "--persistent", f"--shared={self.connections + 1}",
+                f"--socket={self._sock}", f"--export-name={EXPORT}", "--image-opts", image_opts(self.path, self.fmt)]
+        if self.limits is not None:
+            lim = ["prlimit"]
+            if self.limits.address_space is not None:
+                lim.append(f"--as={self.limits.address_space}")
+            if self.limits.cpu_seconds is not None:
+                lim.append(f"--cpu={self.limits.cpu_seconds}")
+            argv = [*lim, "--", *argv]
+        return argv
+
+    def _start(self) -> None:
+        self._work = WorkDir(prefix="nbd-", base=self.work_base)
+        self._sock = str(self._work.path / "nbd.sock")
+        if len(self._sock) > 100:
+            raise NbdError(f"the work folder's path is too long for a unix socket: {self._work.path}",
+                           "set IMAGEKIT_CACHE_DIR to a shorter path")
+        self._proc = Process(self._argv(), log_path=self._work.path / "qemu-nbd.log", env=self._work.env(),
+                             stop_timeout=5.0).start()
+        self._wait_ready()
+        h = self.connect()
+        self.size = int(h.get_size())
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise NbdError(f"qemu-nbd could not open {self.path} as {self.fmt}: {self._proc.log_tail(5)}",
+                               "the input changed after it was checked, or it is damaged")
+            if os.path.exists(self._sock):
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(self._sock)
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.005)
+        raise NbdError(f"qemu-nbd did not start within {READY_TIMEOUT:g} s", self._proc.log_tail(5) or None)
+
+    def connect(self) -> Any:
+        """A new connection to the export (one per reading thread)."""
+        nbd = self._nbd
+        h = nbd.NBD()
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.set_export_name(EXPORT)
+        try:
+            h.connect_unix(self._sock)
+        except nbd.Error as exc:
+            raise NbdError(f"cannot connect to the NBD export of {self.path}: {exc}") from exc
+        with self._lock:
+            self._handles.append(h)
+        return h
+
+    def close(self) -> None:
+        for h in self._handles:
+            try:
+                h.shutdown()
+            except Exception:  # noqa: BLE001 - the server may be gone already
+                pass
+        self._handles = []
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+        if self._work is not None:
+            self._work.cleanup()
+            self._work = None
+
+    # ------------------------------------------------------------ reading
+
+    def extents(self) -> list[Extent]:
+        """The input's allocation map (``base:allocation``), covering [0, size)."""
+        nbd = self._nbd
+        h = self._handles[0]
+        out: list[Extent] = []
+        off = 0
+        while off < self.size:
+            got: list[tuple[int, int]] = []
+
+            def cb(_ctx: str, _off: int, entries: list[int], _err: Any, got: list[tuple[int, int]] = got) -> int:
+                got.extend(zip(entries[0::2], entries[1::2], strict=False))
+                return 0
+
+            try:
+                h.block_status(min(STATUS_REQUEST, self.size - off), off, cb)
+            except nbd.Error as exc:
+                raise ImageReadError(f"cannot read the allocation map of {self.path}: {exc}") from exc
+            if not got:
+                raise ImageReadError(f"the NBD server returned no allocation map for {self.path} at {off}")
+            for length, flags in got:
+                length = min(int(length), self.size - off)
+                if length <= 0:
+                    break
+                zero = bool(flags & nbd.STATE_ZERO)
+                if out and out[-1].zero == zero and out[-1].offset + out[-1].length == off:
+                    out[-1] = Extent(out[-1].offset, out[-1].length + length, zero)
+                else:
+                    out.append(Extent(off, length, zero))
+                off += length
+                if off >= self.size:
+                    break
+        return out
+
+    def read(self, offset: int, length: int, handle: Any = None) -> bytes:
+        """``length`` bytes at ``offset`` (inside the export), in requests of at most 32 MiB."""
+        h = handle if handle is not None else self._handles[0]
+        parts = []
+        try:
+            while length > 0:
+                n = min(length, MAX_REQUEST)
+                parts.append(h.pread(n, offset))
+                offset += n
+                length -= n
+        except self._nbd.Error as exc:
+            raise ImageReadError(f"cannot read {self.path} at offset {offset}: {exc}") from exc
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def allocated_clusters(extents: list[Extent], cluster_bits: int) -> npt.NDArray[np.int64]:
+    """The output clusters that hold any byte of a non-zero extent, ascending."""
+    marks: list[npt.NDArray[np.int64]] = []
+    for e in extents:
+        if e.zero or e.length <= 0:
+            continue
+        first = e.offset >> cluster_bits
+        last = (e.offset + e.length - 1) >> cluster_bits
+        marks.append(np.arange(first, last + 1, dtype=np.int64))
+    if not marks:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate(marks))
+
+
+def runs_of(clusters: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """(first cluster, count) of each run of consecutive clusters."""
+    if clusters.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [clusters.size]))
+    return [(int(clusters[s]), int(e - s)) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def read_clusters(src: NbdSource, clusters: npt.NDArray[np.int64], cluster_bits: int,
+                  piece: int = READ_PIECE, handle: Any = None) -> Iterator[bytes]:
+    """The bytes of ``clusters`` in order, in pieces of whole clusters (the image's tail padded with zeroes)."""
+    cs = 1 << cluster_bits
+    per = max(1, piece // cs)
+    for first, count in runs_of(clusters):
+        for c in range(first, first + count, per):
+            n = min(per, first + count - c)
+            start = c << cluster_bits
+            want = n * cs
+            have = max(0, min(want, src.size - start))
+            data = src.read(start, have, handle) if have else b""
+            if have < want:
+                data += bytes(want - have)
+            yield data
+
+
+_DONE = object()
+
+
+def prefetch(it: Iterator[bytes], depth: int = 4) -> Iterator[bytes]:
+    """Run ``it`` in a thread, ``depth`` items ahead; its exception is raised in the consumer."""
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    t = threading.Thread(target=run, daemon=True, name="imagekit-read")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
