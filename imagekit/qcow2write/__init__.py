@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from imagekit.qcow2write.emit import Hasher, Prepared, StreamBody, WriteOptions, WriteStats, prepare, write_file
 from imagekit.qcow2write.layout import Geometry, Layout, LayoutError, plan_compressed, plan_plain
-from imagekit.qcow2write.source import NbdError, NbdSource
+from imagekit.qcow2write.source import NbdError, NbdSource, RawSource, Source, open_source
 from imagekit.qcow2write.verify import MapMismatch, qemu_map, verify_map
 
 __all__ = ["Geometry", "Hasher", "Layout", "LayoutError", "MapMismatch", "NbdError", "NbdSource", "Prepared",
-           "StreamBody", "WriteOptions", "WriteStats", "plan_compressed", "plan_plain", "prepare", "qemu_map",
+           "RawSource", "Source", "StreamBody", "WriteOptions", "open_source", "WriteStats", "plan_compressed", "plan_plain", "prepare", "qemu_map",
            "verify_map", "write_file"]

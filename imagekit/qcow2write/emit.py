@@ -27,7 +27,8 @@ import numpy as np
 
 from imagekit.qcow2write import compress as comp
 from imagekit.qcow2write.layout import COMPRESSED, Geometry, Layout, plan_compressed, plan_plain
-from imagekit.qcow2write.source import NbdSource, allocated_clusters, prefetch, read_clusters
+from imagekit.qcow2write.pieces import BufferPool, Piece, PoolClosed, read_pieces
+from imagekit.qcow2write.source import Source, allocated_clusters, prefetch, read_clusters
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str, float], None]  # (phase, fraction 0..1)
 
 PIECE = 4 << 20
+POOL_BUFFERS = 12
 DEFAULT_MEMORY = 1 << 30
 _L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -77,7 +79,7 @@ class Hasher:
 
     def __init__(self, algorithms: tuple[str, ...]) -> None:
         self._h = {a: hashlib.new(a) for a in algorithms}
-        self._q: dict[str, queue.Queue[bytes | None]] = {a: queue.Queue(maxsize=8) for a in algorithms}
+        self._q: dict[str, queue.Queue[Piece | None]] = {a: queue.Queue() for a in algorithms}
         self._threads = [threading.Thread(target=self._loop, args=(a,), daemon=True, name=f"imagekit-{a}")
                          for a in algorithms]
         for t in self._threads:
@@ -86,12 +88,17 @@ class Hasher:
 
     def _loop(self, algo: str) -> None:
         h, q = self._h[algo], self._q[algo]
-        while (chunk := q.get()) is not None:
-            h.update(chunk)
+        while (piece := q.get()) is not None:
+            try:
+                h.update(piece.data)
+            finally:
+                piece.release()
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, piece: Piece) -> None:
+        """Hash ``piece`` (each thread releases it when done; the caller keeps its own reference)."""
+        piece.retain(len(self._q))
         for q in self._q.values():
-            q.put(chunk)
+            q.put(piece)
 
     def close(self) -> None:
         if not self._done:
@@ -109,7 +116,7 @@ class Hasher:
 class Prepared:
     """A planned output: its layout and size are known; :meth:`chunks` produces its bytes once."""
 
-    def __init__(self, src: NbdSource, layout: Layout, stats: WriteStats, spool: comp.Spool | None,
+    def __init__(self, src: Source, layout: Layout, stats: WriteStats, spool: comp.Spool | None,
                  blobs: list[int] | None) -> None:
         self.src = src
         self.layout = layout
@@ -125,29 +132,39 @@ class Prepared:
         if self._spool is not None:
             self._spool.close()
 
-    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
-        """The output's bytes in order, in pieces of about 4 MiB."""
+    def chunks(self, progress: Progress | None = None) -> Iterator[Piece]:
+        """The output's bytes in order, in pieces of about 4 MiB; the consumer releases each piece."""
         done = 0
         total = self.size or 1
-        for chunk in self._all():
-            done += len(chunk)
+        for piece in self._all():
+            done += len(piece)
             if progress is not None:
                 progress("write", done / total)
-            yield chunk
+            yield piece
 
-    def _all(self) -> Iterator[bytes]:
+    def _all(self) -> Iterator[Piece]:
         pending = bytearray()
         for part in self.layout.metadata():
             pending += part
             if len(pending) >= PIECE:
-                yield bytes(pending)
+                yield Piece(bytes(pending))
                 pending = bytearray()
         if pending:
-            yield bytes(pending)
+            yield Piece(bytes(pending))
         if self._blobs is None:
-            yield from prefetch(read_clusters(self.src, self.layout.guest, self.layout.geo.cluster_bits))
+            yield from self._plain_data()
         else:
-            yield from self._compressed_data()
+            yield from (Piece(b) for b in self._compressed_data())
+
+    def _plain_data(self) -> Iterator[Piece]:
+        pool = BufferPool(POOL_BUFFERS, max(PIECE, self.layout.geo.cs))
+        try:
+            yield from prefetch(read_pieces(self.src, self.layout.guest, self.layout.geo.cluster_bits, pool),
+                                depth=4, on_stop=pool.close)
+        except PoolClosed:  # pragma: no cover - only after the consumer stopped
+            return
+        finally:
+            pool.close()
 
     def _compressed_data(self) -> Iterator[bytes]:
         lay, geo = self.layout, self.layout.geo
@@ -183,7 +200,7 @@ class Prepared:
         return data + bytes(geo.cs - have) if have < geo.cs else data
 
 
-def prepare(src: NbdSource, options: WriteOptions, progress: Progress | None = None) -> Prepared:
+def prepare(src: Source, options: WriteOptions, progress: Progress | None = None) -> Prepared:
     """Plan the output of ``src`` (and, compressed, compress every cluster first)."""
     geo = options.geometry(src.size)
     stats = WriteStats()
@@ -208,7 +225,7 @@ def prepare(src: NbdSource, options: WriteOptions, progress: Progress | None = N
     return Prepared(src, layout, stats, spool, blobs)
 
 
-def _compress(src: NbdSource, geo: Geometry, clusters: npt.NDArray[np.int64], options: WriteOptions,
+def _compress(src: Source, geo: Geometry, clusters: npt.NDArray[np.int64], options: WriteOptions,
               spool: comp.Spool, stats: WriteStats,
               progress: Progress | None) -> tuple[npt.NDArray[np.int64], list[int], list[int]]:
     """Compress every allocated cluster: the clusters kept, their run sizes (0: whole), spool indices."""
@@ -247,12 +264,16 @@ def write_file(prepared: Prepared, fd: int, algorithms: tuple[str, ...] = ("sha2
     """Write the output to ``fd`` from its current position; the digests of what was written."""
     hasher = Hasher(algorithms)
     try:
-        for chunk in prepared.chunks(progress):
-            hasher.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+        for piece in prepared.chunks(progress):
+            try:
+                hasher.update(piece)
+                view = memoryview(piece.data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                view.release()
+            finally:
+                piece.release()
     finally:
         hasher.close()
     return hasher.digests()
@@ -273,14 +294,17 @@ class StreamBody:
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
         if self._started:
             raise RuntimeError("the output can be streamed once")
         self._started = True
-        for chunk in self.prepared.chunks(self._progress):
-            self._hasher.update(chunk)
-            self.bytes_sent += len(chunk)
-            yield chunk
+        for piece in self.prepared.chunks(self._progress):
+            try:
+                self._hasher.update(piece)
+                self.bytes_sent += len(piece)
+                yield piece.data  # sent before the next item is asked for
+            finally:
+                piece.release()
 
     def digests(self) -> dict[str, str]:
         return self._hasher.digests()
