@@ -249,7 +249,7 @@ def plan_plain(geo: Geometry, guest: I64) -> Layout:
     """Uncompressed: guest cluster ``guest[i]`` lives in host cluster ``data_offset / cs + i``."""
     g = _check_guest(geo, guest)
     p = _place(geo, g, int(g.size))
-    data_off = int(p["data_offset"])  # type: ignore[call-overload]
+    data_off = int(p["data_offset"])
     entries = (np.uint64(data_off) + np.arange(g.size, dtype=np.uint64) * np.uint64(geo.cs)) | np.uint64(COPIED)
     end = data_off + int(g.size) * geo.cs
     return Layout(geo=geo, guest=g, entries=entries, data_refs=np.ones(g.size, np.uint16), data_end=end,
@@ -303,7 +303,7 @@ def plan_compressed(geo: Geometry, guest: I64, sizes: list[int]) -> Layout:
         raise LayoutError("one size per allocated cluster")
     offsets, sectors, refs, end = pack_compressed(geo, sizes)
     p = _place(geo, g, int(refs.size))
-    data_off = int(p["data_offset"])  # type: ignore[call-overload]
+    data_off = int(p["data_offset"])
     off = np.array(offsets, dtype=np.uint64) + np.uint64(data_off)
     sec = np.array(sectors, dtype=np.int64)
     raw = sec < 0

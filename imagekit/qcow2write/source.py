@@ -3,9 +3,9 @@
 :class:`NbdSource` starts ``qemu-nbd`` through :class:`imagekit.process.Process` in a
 :class:`imagekit.workdir.WorkDir` (so a SIGKILLed run's server is found and ended by the next
 ``workdir.reap_stale``), under the same resource limits as qemu-img (``prlimit``: CPU seconds and
-address space), read-only, with the input's *explicit* format as ``--image-opts`` (the file named
-by ``file.filename``, never parsed as a protocol or a ``json:`` spec; ``backing=null`` for formats
-that could name one), over a unix socket in the work folder. ``--persistent --shared=N`` lets
+address space), read-only, with the input's *explicit* format in a block-device spec imagekit
+builds itself (the file named by ``file.filename``, never parsed as a protocol; ``backing: null``
+for formats that could name one), over a unix socket in the work folder. ``--persistent --shared=N`` lets
 several connections read in parallel.
 
 :meth:`NbdSource.extents` is the ``base:allocation`` block status (requests below 4 GiB: libnbd
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import queue
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from imagekit.errors import ImageReadError, ImagekitError, ToolNotFound
+from imagekit.errors import ImagekitError, ImageReadError, ToolNotFound
 from imagekit.process import Process
 from imagekit.run import Limits
 from imagekit.workdir import WorkDir
@@ -65,16 +66,15 @@ class Extent:
     zero: bool  # reads as zeroes: never read, never allocated in the output
 
 
-def _escape(value: str) -> str:
-    return value.replace(",", ",,")
-
-
-def image_opts(path: Path, fmt: str) -> str:
-    """``--image-opts`` for ``path`` in format ``fmt`` (qemu's name), read-only, no backing file."""
-    opts = f"driver={fmt},read-only=on,file.driver=file,file.filename={_escape(str(path.resolve()))}"
+def block_spec(path: Path, fmt: str) -> str:
+    """The block-device spec for ``path`` in format ``fmt`` (qemu's name): read-only, the file driver (the
+    name is never parsed as a protocol), no backing file. Built with ``json.dumps``, so whatever the file is
+    called it stays one JSON string (it is the only way to say ``backing: null`` on qemu-nbd's command line)."""
+    spec: dict[str, Any] = {"driver": fmt, "read-only": True,
+                            "file": {"driver": "file", "filename": str(path.resolve())}}
     if fmt in _BACKING_FORMATS:
-        opts += ",backing=null"
-    return opts
+        spec["backing"] = None
+    return "json:" + json.dumps(spec)
 
 
 def _nbd_module() -> Any:
@@ -120,7 +120,7 @@ class NbdSource:
 
     def _argv(self) -> list[str]:
         argv = ["qemu-nbd", "--read-only", "--persistent", f"--shared={self.connections + 1}",
-                f"--socket={self._sock}", f"--export-name={EXPORT}", "--image-opts", image_opts(self.path, self.fmt)]
+                f"--socket={self._sock}", f"--export-name={EXPORT}", block_spec(self.path, self.fmt)]
         if self.limits is not None:
             lim = ["prlimit"]
             if self.limits.address_space is not None:
