@@ -267,11 +267,7 @@ def write_file(prepared: Prepared, fd: int, algorithms: tuple[str, ...] = ("sha2
         for piece in prepared.chunks(progress):
             try:
                 hasher.update(piece)
-                view = memoryview(piece.data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                view.release()
+                _write_all(fd, piece.data)
             finally:
                 piece.release()
     finally:
@@ -279,12 +275,23 @@ def write_file(prepared: Prepared, fd: int, algorithms: tuple[str, ...] = ("sha2
     return hasher.digests()
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        view.release()
+
+
 class StreamBody:
     """The output as an HTTP request body: iterable, sized (Content-Length), hashed as it is sent."""
 
     def __init__(self, prepared: Prepared, algorithms: tuple[str, ...] = ("sha256", "sha512"),
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, tee_fd: int | None = None) -> None:
         self.prepared = prepared
+        self.tee_fd = tee_fd  # also written here (the build's output file), before it is sent
         self.size = prepared.size
         self.bytes_sent = 0
         self._hasher = Hasher(algorithms)
@@ -301,6 +308,8 @@ class StreamBody:
         for piece in self.prepared.chunks(self._progress):
             try:
                 self._hasher.update(piece)
+                if self.tee_fd is not None:
+                    _write_all(self.tee_fd, piece.data)
                 self.bytes_sent += len(piece)
                 yield piece.data  # sent before the next item is asked for
             finally:
