@@ -91,6 +91,7 @@ RULES: dict[str, str] = {
     "P013": "hw_scsi_model is set but the disk bus is not scsi (no effect)",
     "P014": "os_type=windows but os_distro is not windows",
     "P015": "Windows with hw_firmware_type=uefi should use hw_machine_type=q35",
+    "P016": "zstd-compressed qcow2 output: QEMU before 5.1 and non-QEMU hypervisors cannot read it",
 }
 
 
@@ -312,7 +313,16 @@ def _architecture(p: _Props) -> Iterator[Finding]:
                       f"aarch64 guests boot with UEFI only (hw_firmware_type is {firmware or 'unset'})")
 
 
-RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _quiesce, _architecture)
+def _compression(p: _Props) -> Iterator[Finding]:
+    """P016: zstd clusters need QEMU >= 5.1 on every hypervisor that boots the image."""
+    if p.recipe is not None and p.recipe.output.format == "qcow2" and p.recipe.output.compression == "zstd":
+        yield Finding("P016", "warning", "disk_format",
+                      "the recipe's qcow2 output is zstd-compressed: hypervisors with QEMU older than 5.1 (and "
+                      "Glance's image inspector in some releases) cannot read it; zlib works everywhere")
+
+
+RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _quiesce, _architecture,
+                                 _compression)
 
 
 def lint(props: Mapping[str, str], recipe: Recipe | None = None) -> list[Finding]:
