@@ -139,16 +139,25 @@ class NbdSource:
         self._proc = Process(self._argv(), log_path=self._work.path / "qemu-nbd.log", env=self._work.env(),
                              stop_timeout=5.0).start()
         self._wait_ready()
-        h = self.connect()
+        try:
+            h = self.connect()
+        except NbdError:
+            if self._proc.wait(2.0) is not None:  # it exited: say why
+                self._died()
+            raise
         self.size = int(h.get_size())
+
+    def _died(self) -> None:
+        assert self._proc is not None
+        raise NbdError(f"qemu-nbd could not open {self.path} as {self.fmt}: {self._proc.log_tail(5)}",
+                       "the input changed after it was checked, or it is damaged")
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise NbdError(f"qemu-nbd could not open {self.path} as {self.fmt}: {self._proc.log_tail(5)}",
-                               "the input changed after it was checked, or it is damaged")
+                self._died()
             if os.path.exists(self._sock):
                 with socket.socket(socket.AF_UNIX) as s:
                     try:
