@@ -11,6 +11,7 @@ STAMP_PIP := $(VENV)/.pip-done
 APT_PACKAGES := qemu-utils qemu-system-x86 libguestfs-tools python3-guestfs python3-venv \
   linux-image-amd64 debootstrap sudo xorriso curl ca-certificates fdisk gdisk kpartx \
   dosfstools squashfs-tools zstd util-linux
+APT_PACKAGES += python3-libnbd libnbd-bin libzstd1  # qcow2 writer: NBD input (libnbd's Python binding), zstd clusters
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.
@@ -40,8 +41,9 @@ $(STAMP_APT):
 	@test -x $(SYSTEM_PYTHON) || { echo "error: $(SYSTEM_PYTHON) missing" >&2; exit 1; }
 	@test -d $(VENV) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])') && \
-	for f in $$(dpkg -L python3-guestfs | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
+	for f in $$(dpkg -L python3-guestfs python3-libnbd | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
 	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
+	@$(PY) -c 'import nbd' || { echo "error: the libnbd binding is not importable in $(VENV)" >&2; exit 1; }
 	@touch $@
 
 # editable_mode=compat: a plain path in a .pth file; the default mode's import finder costs every

@@ -28,7 +28,7 @@ import numpy as np
 from imagekit.qcow2write import compress as comp
 from imagekit.qcow2write.layout import COMPRESSED, Geometry, Layout, plan_compressed, plan_plain
 from imagekit.qcow2write.pieces import BufferPool, Piece, PoolClosed, read_pieces
-from imagekit.qcow2write.source import Source, allocated_clusters, prefetch, read_clusters
+from imagekit.qcow2write.source import RawSource, Source, allocated_clusters, prefetch, read_clusters
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -37,6 +37,7 @@ Progress = Callable[[str, float], None]  # (phase, fraction 0..1)
 
 PIECE = 4 << 20
 POOL_BUFFERS = 12
+READ_THREADS = 3  # reads in flight from a raw input
 DEFAULT_MEMORY = 1 << 30
 _L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -159,7 +160,8 @@ class Prepared:
     def _plain_data(self) -> Iterator[Piece]:
         pool = BufferPool(POOL_BUFFERS, max(PIECE, self.layout.geo.cs))
         try:
-            yield from prefetch(read_pieces(self.src, self.layout.guest, self.layout.geo.cluster_bits, pool),
+            threads = READ_THREADS if isinstance(self.src, RawSource) else 1
+            yield from prefetch(read_pieces(self.src, self.layout.guest, self.layout.geo.cluster_bits, pool, threads),
                                 depth=4, on_stop=pool.close)
         except PoolClosed:  # pragma: no cover - only after the consumer stopped
             return
