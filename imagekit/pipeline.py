@@ -332,7 +332,8 @@ def _convert_stage(run: _Run, cust_entry: cache.Entry) -> tuple[cache.Entry, Con
         run.say("convert", f"converting to {out.format}")
         opts = ConvertOptions(out_format=out.format, compat=out.compat,
                               cluster_size=parse_size(out.cluster_size) if out.format == "qcow2" else None,
-                              compress=None if out.compression == "none" else out.compression, force=True)
+                              compress=None if out.compression == "none" else out.compression, force=True,
+                              verify="map")
         if run.options.upload_cloud and uses_writer(opts, output_format(out.format)):
             return _convert_and_upload(run, cust_entry.artifact, entry.artifact, opts)
         res = convert(cust_entry.artifact, entry.artifact, opts)
