@@ -38,6 +38,7 @@ Progress = Callable[[str, float], None]  # (phase, fraction 0..1)
 PIECE = 4 << 20
 POOL_BUFFERS = 12
 READ_THREADS = 3  # reads in flight from a raw input
+HASH_QUEUE = 8  # pieces waiting for each hashing thread
 DEFAULT_MEMORY = 1 << 30
 _L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -80,7 +81,8 @@ class Hasher:
 
     def __init__(self, algorithms: tuple[str, ...]) -> None:
         self._h = {a: hashlib.new(a) for a in algorithms}
-        self._q: dict[str, queue.Queue[Piece | None]] = {a: queue.Queue() for a in algorithms}
+        # bounded: a writer faster than the hash waits instead of queueing copies of the whole output
+        self._q: dict[str, queue.Queue[Piece | None]] = {a: queue.Queue(maxsize=HASH_QUEUE) for a in algorithms}
         self._threads = [threading.Thread(target=self._loop, args=(a,), daemon=True, name=f"imagekit-{a}")
                          for a in algorithms]
         for t in self._threads:
