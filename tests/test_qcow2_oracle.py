@@ -69,3 +69,25 @@ def test_never_less_strict_than_qemu(bases: list[Base], tmp_path: Path, data: st
 def test_documented_codes_have_reasons() -> None:
     for code, why in STRICTER_THAN_QEMU.items():
         assert code == code.lower() and " " not in code and len(why) > 20, code
+
+
+def test_verified_features_are_not_rejected_on_oslos_word(tmp_path: Path) -> None:
+    """Extended L2 entries (which oslo's inspector calls unknown), zstd clusters and bitmaps: valid, fully
+    verified by imagekit, so never a reject; extended L2 is a warning that Glance's inspector refuses it."""
+    xl2 = qf.with_data(tmp_path / "xl2.qcow2", opts="extended_l2=on,cluster_size=65536",
+                       writes=("write -P 1 0 256k", "write -z 1M 64k", "write -P 2 2M 4k"))
+    v = check(xl2)
+    assert v.verdict == "warn" and {f.code: f.severity for f in v.findings} == {"glance-inspector-refuses": "warn"}
+    assert v.oslo_safety is not None and v.oslo_safety.failures  # oslo did refuse it
+    assert check(xl2, deep=False).verdict == "reject"  # only a full deep check earns the warning
+    zstd = qf.compressed(tmp_path, "z", ctype="zstd")
+    bm = qf.create(tmp_path / "bm.qcow2")
+    qf.qemu_img("bitmap", "--add", str(bm), "b0")
+    qf.qemu_io(bm, "write -P 1 0 1M")
+    for p in (zstd, bm):
+        assert check(p).verdict == "accept", (p, check(p).codes())
+        assert qemu_check(p) == 0
+    # a corrupted extended-L2 image is still a reject, whatever oslo says
+    q = qf.Q2(xl2)
+    q.set_u64(q.l2_table() + 16 * 100 + 8, 1)  # subcluster allocated without a host cluster
+    assert check(xl2).verdict == "reject" and qemu_check(xl2) == 2
