@@ -269,3 +269,11 @@ def test_convert_cli_verify_map_and_content(tmp_path: Path, imagekit) -> None:  
     res = conv.convert(src, tmp_path / "lib.qcow2", conv.ConvertOptions(verify="map", compress="zlib"))
     assert res.writer == "imagekit" and res.output.sha256 == hashlib.sha256((tmp_path / "lib.qcow2").read_bytes()
                                                                             ).hexdigest()
+
+
+def test_bad_cluster_sizes_are_usage_errors(tmp_path: Path, imagekit) -> None:  # type: ignore[no-untyped-def]
+    src = sparse_raw(tmp_path / "s.raw", 8 * MiB, [(0, b"\x01" * 4096)])
+    for size in ("3000", "4M", "256"):
+        r = imagekit("convert", str(src), "-o", str(tmp_path / "o.qcow2"), "--cluster-size", size)
+        assert r.code == 2 and "Traceback" not in r.err and "hint:" in r.err, (size, r.err)
+        assert not (tmp_path / "o.qcow2").exists() and not list(tmp_path.glob("*.part"))

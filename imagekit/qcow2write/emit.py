@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from imagekit.qcow2write import compress as comp
-from imagekit.qcow2write.layout import COMPRESSED, Geometry, Layout, plan_compressed, plan_plain
+from imagekit.qcow2write.layout import COMPRESSED, Geometry, Layout, LayoutError, plan_compressed, plan_plain
 from imagekit.qcow2write.pieces import BufferPool, Piece, PoolClosed, read_pieces
 from imagekit.qcow2write.source import RawSource, Source, allocated_clusters, prefetch, read_clusters
 
@@ -57,8 +57,9 @@ class WriteOptions:
 
     def geometry(self, virtual_size: int) -> Geometry:
         cb = self.cluster_size.bit_length() - 1
-        if self.cluster_size != 1 << cb:
-            raise ValueError(f"cluster size {self.cluster_size} is not a power of two")
+        if self.cluster_size <= 0 or self.cluster_size != 1 << cb:
+            raise LayoutError(f"cluster size {self.cluster_size} is not a power of two", "use 512 bytes to 2M, "
+                              "e.g. --cluster-size 64K")
         return Geometry(virtual_size=-(-virtual_size // 512) * 512, cluster_bits=cb,
                         version=2 if self.compat == "0.10" else 3,
                         compression=self.compression if self.compression != "none" else "zlib")

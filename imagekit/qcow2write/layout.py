@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imagekit.errors import UsageError
+
 if TYPE_CHECKING:
     import numpy.typing as npt
 
@@ -50,8 +52,10 @@ _HDR = struct.Struct(">4sIQIIQIIQQIIQ")  # the 72-byte v2 header
 _HDR3 = struct.Struct(">QQQII")  # bytes 72..104 of a v3 header
 
 
-class LayoutError(ValueError):
-    """The requested image cannot be laid out (too big for QEMU's table limits)."""
+class LayoutError(UsageError):
+    """The requested image cannot be laid out (a cluster size QEMU cannot use, tables past QEMU's limits)."""
+
+    code = "qcow2-layout"
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,16 @@ class Geometry:
 
     def __post_init__(self) -> None:
         if not 9 <= self.cluster_bits <= 21:
-            raise LayoutError(f"cluster size {1 << self.cluster_bits} outside 512..2M")
+            raise LayoutError(f"cluster size {1 << self.cluster_bits} outside 512..2M", "e.g. --cluster-size 64K")
         if self.virtual_size < 0 or self.virtual_size % 512:
-            raise LayoutError("the virtual size must be a non-negative multiple of 512")
+            raise LayoutError("the virtual size must be a non-negative multiple of 512", "round it up to 512 bytes")
         if self.version not in (2, 3):
-            raise LayoutError("qcow2 version must be 2 or 3")
+            raise LayoutError("qcow2 version must be 2 or 3", "--compat 0.10 or 1.1")
         if self.compression == "zstd" and self.version == 2:
-            raise LayoutError("zstd compression needs compat 1.1")
+            raise LayoutError("zstd compression needs compat 1.1", "--compat 1.1 or --compress zlib")
         if self.l1_size * 8 > MAX_L1_BYTES:
             raise LayoutError(f"a virtual size of {self.virtual_size} bytes needs an L1 table larger than QEMU's "
-                              "32 MiB limit; use bigger clusters")
+                              "32 MiB limit", "use bigger clusters (--cluster-size)")
 
     @property
     def cs(self) -> int:
