@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imagekit import host, recipe  # noqa: E402
+from imagekit import host, recipe, workdir  # noqa: E402
 from imagekit.builders import dib  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> int:
     try:
         bare = timed(argv, denv)
     finally:
-        dib.cleanup_host(work / "dibtmp")
+        workdir.clean_folder(work / "dibtmp")  # mounts and loop devices the bare build may have left
     print("build: debian-12 (diskimage-builder, TCG for libguestfs)")
     print(f"  imagekit cold build      {cold:7.1f} s  (build + customise + inventory + convert + check)")
     print(f"  imagekit cached rebuild  {cached:7.1f} s  = {100 * cached / cold:.1f}% of cold (target <= 5%)")

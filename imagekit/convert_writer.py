@@ -51,7 +51,7 @@ class Written(Verified):
 
 def writer_options(opts: ConvertOptions, spill_dir: str | None = None) -> WriteOptions:
     return WriteOptions(cluster_size=opts.cluster_size or 65536, compat=opts.compat,
-                        compression=opts.compress or "none", spill_dir=spill_dir)
+                        compression=opts.compress or "none", level=opts.compress_level, spill_dir=spill_dir)
 
 
 def _limits() -> runner.Limits:

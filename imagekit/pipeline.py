@@ -31,7 +31,7 @@ from imagekit import __version__, accel, builders, cache, manifest, steps
 from imagekit.artifact import Artifact
 from imagekit.builders.base import BaseImage, BuildContext, Builder, BuildError, ToolVersions, run_builder
 from imagekit.check import check
-from imagekit.convert import SUFFIX, ConvertOptions, convert, uses_writer
+from imagekit.convert import BUILD_ZLIB_LEVEL, SUFFIX, ConvertOptions, convert, uses_writer
 from imagekit.errors import UnsafeImageError
 from imagekit.formats.registry import output_format
 from imagekit.run import run as run_program
@@ -333,7 +333,7 @@ def _convert_stage(run: _Run, cust_entry: cache.Entry) -> tuple[cache.Entry, Con
         opts = ConvertOptions(out_format=out.format, compat=out.compat,
                               cluster_size=parse_size(out.cluster_size) if out.format == "qcow2" else None,
                               compress=None if out.compression == "none" else out.compression, force=True,
-                              verify="map")
+                              verify="map", compress_level=BUILD_ZLIB_LEVEL if out.compression == "zlib" else None)
         if run.options.upload_cloud and uses_writer(opts, output_format(out.format)):
             return _convert_and_upload(run, cust_entry.artifact, entry.artifact, opts)
         res = convert(cust_entry.artifact, entry.artifact, opts)

@@ -51,6 +51,7 @@ class WriteOptions:
     cluster_size: int = 65536
     compat: str = "1.1"
     compression: str = "none"
+    level: int | None = None  # compression level; None: compress.default_zlib_level() for zlib, 3 for zstd
     workers: int = 0
     memory: int = DEFAULT_MEMORY
     spill_dir: str | None = None
@@ -242,7 +243,7 @@ def _compress(src: Source, geo: Geometry, clusters: npt.NDArray[np.int64], optio
     it = iter(clusters.tolist())
     total = max(1, int(clusters.size))
     done = 0
-    for results in comp.compress_all(pieces, geo.cs, options.compression, workers):
+    for results in comp.compress_all(pieces, geo.cs, options.compression, workers, options.level):
         for run in results:
             gc = next(it)
             if run == b"":
