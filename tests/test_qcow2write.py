@@ -277,3 +277,14 @@ def test_bad_cluster_sizes_are_usage_errors(tmp_path: Path, imagekit) -> None:  
         r = imagekit("convert", str(src), "-o", str(tmp_path / "o.qcow2"), "--cluster-size", size)
         assert r.code == 2 and "Traceback" not in r.err and "hint:" in r.err, (size, r.err)
         assert not (tmp_path / "o.qcow2").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_compression_level(base_raw: Path, tmp_path: Path) -> None:
+    fast, best = tmp_path / "l1.qcow2", tmp_path / "l9.qcow2"
+    write(base_raw, "raw", fast, WriteOptions(compression="zlib", level=1))
+    write(base_raw, "raw", best, WriteOptions(compression="zlib", level=9))
+    assert_valid(base_raw, "raw", fast)
+    assert_valid(base_raw, "raw", best)
+    assert best.stat().st_size <= fast.stat().st_size
+    with pytest.raises(conv.UsageError):
+        conv.convert(base_raw, tmp_path / "x.qcow2", conv.ConvertOptions(compress="zlib", compress_level=12))
