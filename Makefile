@@ -20,6 +20,7 @@ APT_PACKAGES += docker-registry syslinux syslinux-common mtools busybox-static r
 GITLAB_CI_LOCAL := gitlab-ci-local@4.73.0
 APT_PACKAGES += wimtools ovmf swtpm swtpm-tools python3-hivex libhivex-bin  # Windows builds: install.wim editions (wimlib), UEFI + Secure Boot firmware, TPM 2.0, registry hives (hivex)
 APT_PACKAGES += genisoimage mtools  # Windows tests: a UDF install ISO like Microsoft's; the FAT image of the UEFI-shell stand-in guest
+APT_PACKAGES += python3-libnbd libnbd-bin libzstd1  # qcow2 writer: NBD input (libnbd's Python binding), zstd clusters
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.
@@ -61,6 +62,9 @@ $(STAMP_NPM): $(STAMP_APT) Makefile
 	@command -v npm >/dev/null || { echo "installing Debian's nodejs and npm"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; }
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm $(GITLAB_CI_LOCAL)
+	for f in $$(dpkg -L python3-guestfs python3-libnbd | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
+	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
+	@$(PY) -c 'import nbd' || { echo "error: the libnbd binding is not importable in $(VENV)" >&2; exit 1; }
 	@touch $@
 
 # editable_mode=compat: a plain path in a .pth file; the default mode's import finder costs every

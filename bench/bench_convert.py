@@ -1,106 +1,87 @@
-"""Benchmark: `imagekit convert` (check + convert + verify + hash) against bare
-`qemu-img convert` on the same 2 GiB half-sparse raw input, measured in one run.
+"""Benchmark: `imagekit convert` against qemu-img in the same run, at 1 and 8 GiB (BENCH_SIZES).
 
-Prints the wall-time ratio (target: within 1.10x of bare qemu-img), and, to show
-where the time goes, the same job done by hand with the reference tools:
-`qemu-img convert`, then `qemu-img compare` and `openssl dgst -sha256` of the
-output (what imagekit's report states besides its own checks; coreutils'
-sha256sum is 6x slower here, OpenSSL uses the CPU's SHA extensions as Python's
-hashlib does). Each command runs REPEAT
-times, alternating, after `sync` and dropping the page cache (root only): on
-these VMs page-cache pages the guest has never touched are slow to fault in,
-which makes "warm" runs depend on what ran before rather than on the tool.
-Medians are compared. imagekit's modules are
-byte-compiled first, as an installed package's are.
+Input: a raw disk, half sparse, its data shaped like a system disk's (``bench/inputs.py``). For each size,
+alternating REPEAT times, each after `sync` and dropping the page cache (root only):
+
+* plain: bare `qemu-img convert -O qcow2` vs `imagekit convert` with its default verification (check of
+  the input, imagekit's one-pass writer hashing as it writes, deep check of the written metadata,
+  `qemu-img check` and `qemu-img map` against the plan). Target: <= 1.10x.
+* compressed: `qemu-img convert -c` vs `imagekit convert --compress zlib` (parallel compression
+  workers). Targets: time <= 0.6x, output size <= 1.02x.
+
+Medians are compared. The `seconds` of imagekit's JSON report show where its time goes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-GiB = 1 << 30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import GiB, compile_imagekit, disk_like, imagekit_cmd, sizes, timed  # noqa: E402
+
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 
 
-def make_input(path: Path) -> None:
-    """2 GiB raw: the first GiB written with non-zero data in 1 MiB runs, the second a hole."""
-    block = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        for _ in range(1024):
-            f.write(block)
-        f.truncate(2 * GiB)
+def report(label: str, ref: list[float], ours: list[float], target: float) -> float:
+    r, o = statistics.median(ref), statistics.median(ours)
+    ok = "ok" if o / r <= target else "MISSED"
+    print(f"  {label}: reference median {r:.2f} s {[round(x, 2) for x in ref]}, imagekit median {o:.2f} s "
+          f"{[round(x, 2) for x in ours]}  RATIO {o / r:.2f}x (target <= {target:.2f}x) {ok}")
+    return o / r
 
 
-def drop_caches() -> None:
-    """Start each run with a cold page cache (as a freshly downloaded input would be); needs root."""
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+def where_time_goes(src: Path, out: Path, extra: list[str]) -> None:
+    res = subprocess.run([*imagekit_cmd(), "--json", "convert", str(src), "-o", str(out), "--force", *extra],
+                         capture_output=True, text=True, check=True)
+    print(f"    imagekit {' '.join(extra) or 'plain'} seconds: {json.loads(res.stdout)['seconds']}")
 
 
-def timed(argvs: list[list[str]], cold: bool) -> float:
-    """Wall time of the commands run one after the other (after sync, and dropping caches when cold)."""
-    if cold:
-        drop_caches()
-    else:
-        subprocess.run(["sync"], check=True)
-    t = time.perf_counter()
-    for argv in argvs:
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def imagekit_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "imagekit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "imagekit"]
+def bench_size(base: Path, gib: int) -> None:
+    src = disk_like(base / f"disk-{gib}g.raw", gib)
+    print(f"convert: {gib} GiB half-sparse raw -> qcow2 ({gib / 2:g} GiB of data), {REPEAT} cold runs each")
+    plain_ref, plain_ik, comp_ref, comp_ik = [], [], [], []
+    size_ref = size_ik = 0
+    for i in range(REPEAT):
+        for p in base.glob("out-*"):
+            p.unlink()
+        o = {k: str(base / f"out-{k}-{i}.qcow2") for k in ("q", "i", "qc", "ic")}
+        plain_ref.append(timed([["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", str(src),
+                                 o["q"]]]))
+        plain_ik.append(timed([[*imagekit_cmd(), "convert", str(src), "-o", o["i"]]]))
+        comp_ref.append(timed([["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
+                                str(src), o["qc"]]]))
+        comp_ik.append(timed([[*imagekit_cmd(), "convert", str(src), "-o", o["ic"], "--compress", "zlib"]]))
+        size_ref, size_ik = Path(o["qc"]).stat().st_size, Path(o["ic"]).stat().st_size
+    report("plain      qemu-img convert    vs imagekit convert", plain_ref, plain_ik, 1.10)
+    report("compressed qemu-img convert -c vs imagekit convert --compress zlib", comp_ref, comp_ik, 0.60)
+    ok = "ok" if size_ik <= 1.02 * size_ref else "MISSED"
+    print(f"  compressed size: qemu-img {size_ref / 2**20:.1f} MiB, imagekit {size_ik / 2**20:.1f} MiB  "
+          f"RATIO {size_ik / size_ref:.3f} (target <= 1.02) {ok}")
+    where_time_goes(src, base / "out-why.qcow2", [])
+    where_time_goes(src, base / "out-why.qcow2", ["--compress", "zlib"])
+    for p in base.glob("out-*"):
+        p.unlink()
 
 
 def main() -> int:
     base = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="imagekit-bench-"))
     base.mkdir(parents=True, exist_ok=True)
-    src = base / "half-sparse.raw"
-    if not src.exists() or src.stat().st_size != 2 * GiB:
-        make_input(src)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "imagekit")],
-                   check=True)
-    print("convert: 2 GiB half-sparse raw -> qcow2 (1 GiB of data)")
-    for cold in (True,):
-        bare, manual, ours = [], [], []
-        for i in range(REPEAT):
-            for p in base.glob("out-*"):
-                p.unlink()
-            out_b, out_m, out_i = (str(base / f"out-{k}-{i}.qcow2") for k in ("bare", "manual", "imagekit"))
-            bare.append(timed([["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
-                                str(src), out_b]], cold))
-            manual.append(timed([["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
-                                  str(src), out_m],
-                                 ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), out_m],
-                                 ["openssl", "dgst", "-sha256", out_m]], cold))
-            ours.append(timed([[*imagekit_cmd(), "convert", str(src), "-o", out_i]], cold))
-        b, m, o = statistics.median(bare), statistics.median(manual), statistics.median(ours)
-        label = "cold page cache" if cold else "warm page cache"
-        print(f" {label}:")
-        print(f"  bare qemu-img convert            median {b:.2f} s  runs {[round(x, 2) for x in bare]}")
-        print(f"  convert + compare + openssl sha256 median {m:.2f} s  runs {[round(x, 2) for x in manual]}")
-        print(f"  imagekit convert                 median {o:.2f} s  runs {[round(x, 2) for x in ours]}"
-              "  (check + convert + imagekit check + qemu-img check + compare + sha256)")
-        print(f"  RATIO imagekit/bare qemu-img convert: {o / b:.2f}x (target <= 1.10x); "
-              f"imagekit/(convert+compare+sha256 by hand): {o / m:.2f}x")
-    for p in base.glob("out-*"):
-        p.unlink()
+    compile_imagekit()
+    for gib in sizes():
+        bench_size(base, gib)
     if not os.environ.get("BENCH_DIR"):
-        src.unlink()
+        for p in base.iterdir():
+            p.unlink()
         base.rmdir()
     return 0
 
 
 if __name__ == "__main__":
+    assert GiB
     sys.exit(main())

@@ -53,7 +53,6 @@ def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual
         return Verdict(spath, det.format, f.freeze(), detection=det, declared=declared)
 
     row = registry.find(det.format)
-    safety = _oslo_safety(spath, row, det, f)
     vsize = det.virtual_size
     rep: FormatReport | None = None
     if row is None or not row.accepted:
@@ -65,6 +64,7 @@ def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual
             f.add(item.code, item.severity, item.message)
         if rep.virtual_size is not None:
             vsize = max(rep.virtual_size, vsize or 0)
+    safety = _oslo_safety(spath, row, det, f, rep if deep else None)
     if max_virtual_size is not None and vsize is not None and vsize > max_virtual_size \
             and not f.has("virtual-size-too-large"):
         f.reject("virtual-size-too-large", f"virtual size {vsize} bytes exceeds the limit of {max_virtual_size}")
@@ -72,18 +72,46 @@ def check(path: str | os.PathLike[str], declared: str | None = None, max_virtual
                    format_report=rep, virtual_size=vsize)
 
 
-def _oslo_safety(path: str, row: registry.DiskFormat | None, det: Detection, f: Findings) -> OsloSafety | None:
-    """oslo.utils' safety check: what OpenStack services will run on upload (None: oslo does not know it)."""
+def _oslo_safety(path: str, row: registry.DiskFormat | None, det: Detection, f: Findings,
+                 rep: FormatReport | None) -> OsloSafety | None:
+    """oslo.utils' safety check: what OpenStack services will run on upload (None: oslo does not know it).
+
+    A qcow2 that oslo refuses only for incompatible feature bits it does not know, all of which imagekit's
+    deep verifier knows and checked without a reject (extended L2 entries), is a warning
+    (``glance-inspector-refuses``: Glance's inspector will refuse the upload), not a reject."""
     if row is None:
         return None
     name = det.oslo_format if row.oslo_from_detection else row.oslo_name
     if not name:
         return None
     failures = oslo_safety_check(path, name)
-    if failures:
+    if failures and _verified_features_only(failures, rep):
+        f.warn("glance-inspector-refuses",
+               f"valid qcow2 features imagekit verified, but oslo.utils' format inspector ({name}) refuses "
+               f"them ({'; '.join(failures)}): Glance, Nova and Cinder releases with that inspector will not "
+               "accept this image; 'imagekit convert' writes it without them")
+    elif failures:
         f.reject("format-inspector-safety",
                  f"oslo.utils format inspector ({name}) safety check failed: {'; '.join(failures)}")
     return OsloSafety(name, tuple(failures))
+
+
+# incompatible feature bits oslo's qcow2 inspector accepts (dirty, corrupt, data file, compression type):
+# a higher bit is "unknown" to it
+_OSLO_KNOWN_INCOMPAT = 0xF
+
+
+def _verified_features_only(failures: list[str], rep: FormatReport | None) -> bool:
+    """oslo failed only on unknown qcow2 feature bits, imagekit's deep check knows them all and rejected nothing."""
+    from imagekit.formats.qcow2 import Qcow2Report
+    from imagekit.formats.qcow2.constants import INCOMPAT_KNOWN
+
+    if not isinstance(rep, Qcow2Report) or rep.info is None or rep.verdict == "reject":
+        return False
+    if not all(x.startswith("unknown_features:") for x in failures):
+        return False
+    extra = rep.info.incompatible_features & ~_OSLO_KNOWN_INCOMPAT
+    return extra != 0 and not extra & ~INCOMPAT_KNOWN
 
 
 def _check_name(path: str, f: Findings) -> None:

@@ -22,6 +22,8 @@ CODES: dict[str, str] = {
                        "is the format-probing attack (CVE-2015-1850, CVE-2024-40767). A fixed VHD or an ISO "
                        "declared raw only warns.",
     "format-inspector-safety": "oslo.utils' format inspector (what Glance, Nova and Cinder run) refuses the image.",
+    "glance-inspector-refuses": "A valid qcow2 feature imagekit verifies fully (extended L2) that Glance's image "
+                                "inspector refuses: Glance will not accept the upload.",
     "unsupported-format": "A format imagekit does not accept as input (qcow v1, LUKS, QED, Bochs, Parallels, "
                           "cloop): convert it with qemu-img first.",
     "virtual-size-too-large": "The virtual size is above the limit given (--max-virtual-size).",
@@ -44,6 +46,7 @@ CODES: dict[str, str] = {
     "unknown-autoclear-feature": "Autoclear feature bits imagekit does not know (QEMU clears them on write).",
     "bad-autoclear-feature": "An autoclear bit that contradicts the header (raw external data without a data file).",
     "l1-unaligned": "The L1 table is not cluster aligned.",
+    "l1-entry-without-table": "An L1 entry carries flags but no L2 table offset (QEMU: ERROR).",
     "l1-too-large": "The L1 table exceeds QEMU's 32 MiB limit.",
     "l1-too-small": "The L1 table cannot map the whole virtual size.",
     "l1-outside-file": "The L1 table runs past the end of the file.",

@@ -47,7 +47,7 @@ from imagekit.cloud import Cloud, CloudError, translate
 from imagekit.errors import ImagekitError, UnsafeImageError, UsageError
 from imagekit.formats import registry
 from imagekit.glance_images import IMAGE_FIELDS, PruneAction, image_dict, list_images, prune, summary
-from imagekit.glance_stream import CHUNK, SEND_CHUNK, HashingReader, Progress
+from imagekit.glance_stream import CHUNK, SEND_CHUNK, HashingReader, Progress, StreamSource
 
 if TYPE_CHECKING:
     from imagekit.recipe import Recipe
@@ -121,6 +121,7 @@ class Plan:
     import_method: str
     url: str | None
     prune_prefix: str | None
+    source: str | None = None  # a streamed upload: what is converted on the way (path is None: no file)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -293,7 +294,7 @@ def _verify(img: Mapping[str, Any], size: int | None, digests: Mapping[str, str]
     return problems
 
 
-def _put_data(c: Cloud, path: str, reader: HashingReader, what: str) -> None:
+def _put_data(c: Cloud, path: str, reader: HashingReader | StreamSource, what: str) -> None:
     """PUT the file to Glance (``/file`` or ``/stage``) with a Content-Length.
 
     The same request glanceclient's ``images.upload``/``images.stage`` make, sent
@@ -353,14 +354,20 @@ class _Sent:
 
 
 def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions,
-           progress: Progress | None = None, plan_: Plan | None = None) -> UploadResult:
+           progress: Progress | None = None, plan_: Plan | None = None,
+           stream: StreamSource | None = None) -> UploadResult:
     """Check, upload, verify; see the module documentation. Raises ImagekitError subclasses only
     (and KeyboardInterrupt — Ctrl-C, or SIGTERM/SIGHUP through ``imagekit.signals`` — after deleting
-    the incomplete image)."""
+    the incomplete image).
+
+    ``stream`` (with ``plan_``): send these bytes, produced as they are sent, instead of reading a file
+    (``imagekit.glance_stream.upload_converted``); its ``finish()`` runs after the data went out and
+    before Glance's size and hash are compared; no reuse of an existing image (its hash is not known
+    ahead)."""
     p = plan_ or plan(path, options)
     t0 = time.monotonic()
     pre_digests: dict[str, str] | None = None
-    if not options.force_upload and p.path is not None:
+    if not options.force_upload and p.path is not None and stream is None:
         reuse, pre_digests = _find_reusable(c, p, progress)
         if reuse is not None:
             log.info("reusing image %s (same name, size and sha512)", reuse["id"])
@@ -378,7 +385,7 @@ def upload(c: Cloud, path: str | os.PathLike[str] | None, options: UploadOptions
         if p.import_method == "web-download":
             sent = _web_download(c, p, image_id, options, progress, pre_digests)
         else:
-            sent = _send_file(c, p, image_id, options, progress)
+            sent = _send_file(c, p, image_id, options, progress, stream)
         img = _verify_and_finish(c, p, image_id, sent)
     except KeyboardInterrupt:
         if image_id is not None:
@@ -402,11 +409,13 @@ def _create_kwargs(p: Plan) -> dict[str, Any]:
     return kwargs
 
 
-def _send_file(c: Cloud, p: Plan, image_id: str, options: UploadOptions, progress: Progress | None) -> _Sent:
+def _send_file(c: Cloud, p: Plan, image_id: str, options: UploadOptions, progress: Progress | None,
+               stream: StreamSource | None = None) -> _Sent:
     """``direct`` (PUT /file) or ``glance-direct`` (PUT /stage, then import), hashing what is sent."""
-    assert p.path is not None
     t_data = time.monotonic()
-    with HashingReader(p.path, progress=progress) as reader:
+    if stream is None:
+        assert p.path is not None
+    with stream if stream is not None else HashingReader(str(p.path), progress=progress) as reader:
         if p.import_method == "direct":
             _put_data(c, f"/v2/images/{image_id}/file", reader, "upload the image data")
         else:
@@ -414,8 +423,10 @@ def _send_file(c: Cloud, p: Plan, image_id: str, options: UploadOptions, progres
         digests = reader.digests()
         bytes_read = reader.bytes_read
         if bytes_read != reader.size:
-            raise GlanceError(f"{p.path} changed while it was uploaded ({bytes_read} bytes read, "
-                              f"{reader.size} expected)")
+            raise GlanceError(f"{p.path or 'the stream'} changed while it was uploaded ({bytes_read} bytes "
+                              f"read, {reader.size} expected)")
+        if stream is not None:
+            stream.finish()
     if p.import_method == "glance-direct":
         c.call("start the glance-direct import",
                lambda: c.glance.images.image_import(image_id, method="glance-direct"))
@@ -464,7 +475,7 @@ def _verify_and_finish(c: Cloud, p: Plan, image_id: str, sent: _Sent) -> dict[st
 def _failed(c: Cloud, p: Plan, image_id: str, exc: Exception) -> GlanceError:
     """The error to raise after a failed upload, once the incomplete image is deleted (or marked)."""
     done = _discard(c, image_id)
-    what = f"upload of {p.path or p.url} to cloud '{c.name}' failed"
+    what = f"upload of {p.path or p.source or p.url} to cloud '{c.name}' failed"
     if isinstance(exc, ImagekitError):
         cls = type(exc) if isinstance(exc, GlanceError) else GlanceError
         return cls(f"{what}: {exc.message}; {done}", exc.hint)

@@ -1,19 +1,39 @@
-"""Streaming an image file to Glance: read once, hashed in the same pass, sent in big sized pieces.
+"""Streaming to Glance: a file read once, or a qcow2 converted on the way; hashed in the same pass.
 
 ``HashingReader`` hashes (sha512, md5, ...) exactly the bytes it yields, in one
 thread per algorithm, so hashing overlaps with sending; ``body()`` is what
 requests sends, with a Content-Length. Used by ``imagekit.glance.upload``.
+
+``upload_converted`` (``imagekit upload --convert``, ``build --upload``) checks an
+input, plans its qcow2 with imagekit's writer (:mod:`imagekit.qcow2write`) and sends
+the bytes as they are produced (:class:`StreamSource`): no scratch copy of the image,
+the plan verified beforehand on a metadata-only sparse skeleton, sha256 and sha512
+computed on the bytes sent, Glance's image kept only when its size and hash match.
+With ``tee`` the same bytes also go to a local file (the build's output), verified
+like ``imagekit convert``'s before Glance's image is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagekit.errors import ImageReadError
+
+if TYPE_CHECKING:
+    from imagekit.cloud import Cloud
+    from imagekit.convert import ConvertOptions
+    from imagekit.convert_writer import Verified
+    from imagekit.glance import UploadOptions, UploadResult
+    from imagekit.qcow2write import Prepared, StreamBody, WriteStats
 
 Progress = Callable[[str, float], None]
 
@@ -131,3 +151,159 @@ class _Body:
             if not data:
                 return
             yield data
+
+
+# ---------------------------------------------------------------- converting on the way (one pass)
+
+
+class StreamSource:
+    """A qcow2 produced while it is sent (``qcow2write.StreamBody``), with the interface of
+    :class:`HashingReader` (``size``, ``body()``, ``digests()``, ``bytes_read``) plus ``finish()``: what must
+    hold once every byte went out (the tee'd file verified), before Glance's size and hash are compared."""
+
+    def __init__(self, body: StreamBody, finish: Callable[[], None] | None = None) -> None:
+        self._body = body
+        self._finish = finish
+        self.size = body.size
+
+    @property
+    def bytes_read(self) -> int:
+        return self._body.bytes_sent
+
+    def body(self, chunk: int = SEND_CHUNK) -> StreamBody:
+        return self._body
+
+    def digests(self) -> dict[str, str]:
+        return self._body.digests()
+
+    def finish(self) -> None:
+        if self._finish is not None:
+            self._finish()
+
+    def __enter__(self) -> StreamSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._body.close()
+
+
+@dataclass(frozen=True)
+class ConvertedUpload:
+    """A streamed upload: Glance's result, what was written (and where, when tee'd), how it was verified."""
+
+    upload: UploadResult
+    input_format: str
+    sha256: str
+    size: int
+    virtual_size: int
+    map_ranges: int
+    qemu_check: str
+    output: str | None
+    stats: WriteStats
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        d = self.upload.to_dict()
+        d["converted"] = {"input_format": self.input_format, "sha256": self.sha256, "size": self.size,
+                          "virtual_size": self.virtual_size, "map_ranges": self.map_ranges,
+                          "qemu_img_check": self.qemu_check, "output": self.output,
+                          "compressed_clusters": self.stats.compressed_clusters, "seconds": self.seconds}
+        return d
+
+
+def _checked_input(src: Path, conv: ConvertOptions) -> tuple[str, int]:
+    """check() the input like convert does; its qemu format and virtual size."""
+    from imagekit.check import check
+    from imagekit.convert import _input_format
+    from imagekit.errors import UnsafeImageError
+
+    v = check(src, declared=conv.declared, max_virtual_size=conv.max_virtual_size)
+    if not v.ok:
+        raise UnsafeImageError(f"{src} failed the safety check ({', '.join(v.codes())}); nothing was sent",
+                               "run 'imagekit check' on it for details", v)
+    return _input_format(v, conv.force, []), int(v.virtual_size or 0)
+
+
+def upload_converted(c: Cloud, src: str | os.PathLike[str], options: UploadOptions, conv: ConvertOptions,
+                     progress: Progress | None = None, tee: str | os.PathLike[str] | None = None) -> ConvertedUpload:
+    """Check ``src``, convert it to qcow2 with imagekit's writer and send it to Glance as it is produced.
+
+    Without ``tee`` no file of the image's size is written: the plan is verified first on a sparse
+    skeleton (metadata only) in a work folder, then the bytes go out hashed (sha256 and sha512); Glance
+    keeps the image only if its size and hash match. With ``tee`` the bytes also go to that file
+    (through its temporary name), verified like ``imagekit convert`` before Glance's image is kept."""
+    from imagekit import convert as convmod
+    from imagekit import convert_writer as cw
+    from imagekit import glance
+    from imagekit.qcow2write import StreamBody, open_source, prepare
+    from imagekit.workdir import WorkDir
+
+    src_p = Path(src)
+    seconds: dict[str, float] = {}
+    t = time.monotonic()
+    in_fmt, _vsize = _checked_input(src_p, conv)
+    if options.import_method == "web-download":
+        from imagekit.errors import UsageError
+
+        raise UsageError("--convert streams the image: web-download cannot be used with it")
+    opts = dataclasses.replace(options, name=options.name or (None if options.recipe else f"{src_p.stem}.qcow2"))
+    base = glance.plan(None, opts, lint_only=True)
+    with WorkDir(prefix="stream-") as work, open_source(src_p, in_fmt, limits=convmod.LIMITS) as source:
+        prepared = prepare(source, cw.writer_options(conv, str(work.path)), progress)
+        try:
+            seconds["prepare"] = round(time.monotonic() - t, 3)
+            vsize = prepared.layout.geo.virtual_size
+            p = dataclasses.replace(base, disk_format="qcow2", size=prepared.size, virtual_size=vsize,
+                                    min_disk=glance.min_disk_gib(vsize), verdict="accept", source=str(src_p))
+            sink = _Tee(Path(tee), prepared, conv) if tee is not None else None
+            if sink is None:  # verify the plan before the first byte leaves
+                skeleton = work.path / "skeleton.qcow2"
+                cw.write_skeleton(prepared, skeleton)
+                verified = cw.verify_file(skeleton, prepared.layout, conv.timeout)
+                skeleton.unlink()
+            body = StreamBody(prepared, ("sha256", "sha512"), progress, tee_fd=sink.fd if sink else None)
+            t = time.monotonic()
+            try:
+                res = glance.upload(c, None, opts, progress, plan_=p,
+                                    stream=StreamSource(body, sink.finish if sink else None))
+            finally:
+                if sink is not None:
+                    sink.close()
+            seconds["stream"] = round(time.monotonic() - t, 3)
+            if sink is not None:
+                assert sink.verified is not None
+                verified = sink.verified
+        finally:
+            prepared.close()
+    digests = body.digests()
+    return ConvertedUpload(res, in_fmt, digests["sha256"], prepared.size, vsize, verified.map_ranges,
+                           verified.qemu_check, str(tee) if tee is not None else None, prepared.stats, seconds)
+
+
+class _Tee:
+    """The file a streamed upload also writes: its temporary name, verified once complete, then renamed."""
+
+    def __init__(self, out: Path, prepared: Prepared, conv: ConvertOptions) -> None:
+        from imagekit.convert import temp_name
+
+        self.out = out
+        self.tmp = temp_name(out)
+        self.tmp.unlink(missing_ok=True)
+        self.prepared = prepared
+        self.conv = conv
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.verified: Verified | None = None
+
+    def finish(self) -> None:
+        from imagekit import convert_writer as cw
+
+        os.close(self.fd)
+        self.fd = -1
+        self.verified = cw.verify_file(self.tmp, self.prepared.layout, self.conv.timeout)
+        os.replace(self.tmp, self.out)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)

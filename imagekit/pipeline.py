@@ -32,8 +32,9 @@ from imagekit import __version__, accel, builders, cache, manifest, steps
 from imagekit.artifact import Artifact
 from imagekit.builders.base import BaseImage, BuildContext, Builder, BuildError, ToolVersions, run_builder
 from imagekit.check import check
-from imagekit.convert import SUFFIX, ConvertOptions, convert
+from imagekit.convert import BUILD_ZLIB_LEVEL, SUFFIX, ConvertOptions, convert, uses_writer
 from imagekit.errors import ImagekitError, UnsafeImageError
+from imagekit.formats.registry import output_format
 from imagekit.run import run as run_program
 from imagekit.run import version_of
 from imagekit.specs import parse_size
@@ -214,6 +215,8 @@ class _Run:
     tools: ToolVersions
     say: Phase
     stages: list[StageResult] = field(default_factory=list)
+    streamed: Uploaded | None = None  # build --upload: sent to Glance while the convert stage wrote it
+    streamed_seconds: float = 0.0
 
 
 def build(recipe: Recipe, output_dir: Path, options: BuildOptions, *, phase: Phase | None = None) -> BuildResult:
@@ -371,7 +374,10 @@ def _convert_stage(run: _Run, cust_entry: cache.Entry) -> tuple[cache.Entry, Con
         run.say("convert", f"converting to {out.format}")
         opts = ConvertOptions(out_format=out.format, compat=out.compat,
                               cluster_size=parse_size(out.cluster_size) if out.format == "qcow2" else None,
-                              compress=None if out.compression == "none" else out.compression, force=True)
+                              compress=None if out.compression == "none" else out.compression, force=True,
+                              verify="map", compress_level=BUILD_ZLIB_LEVEL if out.compression == "zlib" else None)
+        if run.options.upload_cloud and uses_writer(opts, output_format(out.format)):
+            return _convert_and_upload(run, cust_entry.artifact, entry.artifact, opts)
         res = convert(cust_entry.artifact, entry.artifact, opts)
         o = res.output
         return Converted(o.sha256, o.format, o.virtual_size, o.compat, res.qemu_check, res.compare)
@@ -400,24 +406,50 @@ def _check_stage(run: _Run, conv_entry: cache.Entry, conv: Converted, output_dir
 # ---------------------------------------------------------------- 5. upload
 
 
-def _upload_stage(run: _Run, image: Path) -> Uploaded:
-    """Upload through imagekit.glance (check, stream + hash, verify); rotate to the recipe's ``keep``."""
+def _upload_options(recipe: Recipe) -> Any:
     from imagekit import glance
+
+    # the Recipe itself, not its file: glance re-reading it would substitute {date} again
+    return glance.UploadOptions(recipe=recipe, prune_keep=recipe.glance.keep if recipe.glance.keep > 0 else None)
+
+
+def _convert_and_upload(run: _Run, src: Path, out: Path, opts: ConvertOptions) -> Converted:
+    """The convert stage of ``build --upload``: written to ``out`` and sent to Glance in the same pass."""
     from imagekit.cloud import connect
+    from imagekit.glance_stream import upload_converted
 
     cloud = cast(str, run.options.upload_cloud)
     t = time.monotonic()
+    run.say("convert", f"converting to qcow2 and uploading to {cloud} in one pass")
+    res = upload_converted(connect(cloud), src, _upload_options(run.recipe), opts, tee=out)
+    run.streamed = _uploaded(cloud, res.upload)
+    run.streamed_seconds = round(time.monotonic() - t, 2)
+    return Converted(res.sha256, "qcow2", res.virtual_size, opts.compat, res.qemu_check, "map-as-planned")
+
+
+def _upload_stage(run: _Run, image: Path) -> Uploaded:
+    """Upload through imagekit.glance (check, stream + hash, verify); rotate to the recipe's ``keep``.
+    Nothing to do when the convert stage already streamed the image (``build --upload``, not cached)."""
+    from imagekit import glance
+    from imagekit.cloud import connect
+
+    if run.streamed is not None:
+        run.stages.append(StageResult("upload", "", False, run.streamed_seconds, None, run.streamed))
+        return run.streamed
+    cloud = cast(str, run.options.upload_cloud)
+    t = time.monotonic()
     run.say("upload", f"uploading to {cloud}")
-    recipe = run.recipe
-    # the Recipe itself, not its file: glance re-reading it would substitute {date} again
-    opts = glance.UploadOptions(recipe=recipe,
-                                prune_keep=recipe.glance.keep if recipe.glance.keep > 0 else None)
-    res = glance.upload(connect(cloud), image, opts)
+    res = glance.upload(connect(cloud), image, _upload_options(run.recipe))
+    up = _uploaded(cloud, res)
+    run.stages.append(StageResult("upload", "", False, round(time.monotonic() - t, 2), None, up))
+    return up
+
+
+def _uploaded(cloud: str, res: Any) -> Uploaded:
     img = res.image
     up = Uploaded(cloud=cloud, id=img.get("id"), name=img.get("name"), status=img.get("status"),
                   disk_format=res.disk_format, size=res.size, os_hash_value=img.get("os_hash_value"),
                   verified=res.verified, reused=res.reused, properties=img.get("properties", {}),
                   tags=img.get("tags"), visibility=img.get("visibility"), min_disk=img.get("min_disk"),
                   pruned=res.pruned)
-    run.stages.append(StageResult("upload", "", False, round(time.monotonic() - t, 2), None, up))
     return up

@@ -102,6 +102,7 @@ RULES: dict[str, str] = {
     "P019": "a Windows 11 image needs hw_tpm_version=2.0, os_secure_boot and UEFI",
     "P020": "hw_firmware_type differs from the firmware the Windows image was installed for",
     "P021": "hw_tpm_model without hw_tpm_version: Nova adds no TPM",
+    "P022": "zstd-compressed qcow2 output: QEMU before 5.1 and non-QEMU hypervisors cannot read it",
 }
 
 
@@ -378,8 +379,16 @@ def _architecture(p: _Props) -> Iterator[Finding]:
                       f"aarch64 guests boot with UEFI only (hw_firmware_type is {firmware or 'unset'})")
 
 
+def _compression(p: _Props) -> Iterator[Finding]:
+    """P022: zstd clusters need QEMU >= 5.1 on every hypervisor that boots the image."""
+    if p.recipe is not None and p.recipe.output.format == "qcow2" and p.recipe.output.compression == "zstd":
+        yield Finding("P022", "warning", "disk_format",
+                      "the recipe's qcow2 output is zstd-compressed: hypervisors with QEMU older than 5.1 (and "
+                      "Glance's image inspector in some releases) cannot read it; zlib works everywhere")
+
+
 RULE_CHECKS: tuple[Rule, ...] = (_names, _enums, _machine, _secure_boot, _scsi, _windows, _windows_build, _tpm,
-                                 _quiesce, _architecture)
+                                 _quiesce, _architecture, _compression)
 
 
 def lint(props: Mapping[str, str], recipe: Recipe | None = None) -> list[Finding]:

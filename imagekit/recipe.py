@@ -62,7 +62,9 @@ class OsSpec(_Model):
 class Output(_Model):
     format: Literal["qcow2", "raw", "vmdk", "vhdx", "vpc"] = "qcow2"
     compat: Literal["0.10", "1.1"] = "1.1"
-    compression: Literal["none", "zlib", "zstd"] = "none"
+    # default: zlib for qcow2 (every QEMU reads it), none for the other formats
+    compression: Literal["none", "zlib", "zstd"] = Field(default_factory=lambda data: "zlib" if data.get(
+        "format", "qcow2") == "qcow2" else "none")
     cluster_size: str = "64K"
     name: str = "{name}"
 

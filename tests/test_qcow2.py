@@ -290,7 +290,7 @@ CASES: list[tuple[str, str, Patch, str, str]] = [
     ("leaked-cluster", "v3", lambda q: q.set_refcount(q.append_cluster(), 1), "leaked-clusters", "warn"),
     ("leaked-extra-ref-on-shared", "snap", lambda q: q.set_refcount(q.l2_table() // q.cs, 3), "leaked-clusters",
      "warn"),
-    ("copied-flag-cleared", "v3", lambda q: q.set_l2(0, q.l2(0) & ~COPIED), "copied-flag-mismatch", "warn"),
+    ("copied-flag-cleared", "v3", lambda q: q.set_l2(0, q.l2(0) & ~COPIED), "copied-flag-mismatch", "reject"),
     ("not-qcow2", "v3", lambda q: q.write(0, b"NOPE"), "not-qcow2", "reject"),
 ]
 

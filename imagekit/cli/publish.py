@@ -21,7 +21,8 @@ _VISIBILITIES = ["private", "shared", "community", "public"]
 
 
 @cli.command()
-@result_type("imagekit.glance:UploadResult | imagekit.cli.results:LintResult", "upload")
+@result_type("imagekit.cli.results:ConvertedUploadOut | imagekit.glance:UploadResult | imagekit.cli.results:LintResult",
+             "upload")
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
 @click.option("--cloud", metavar="NAME", help="Cloud from clouds.yaml (default: OS_CLOUD, then the OS_* variables).")
 @click.option("--name", help="Image name (default: the recipe's glance.name, else the file name).")
@@ -45,12 +46,17 @@ _VISIBILITIES = ["private", "shared", "community", "public"]
 @click.option("--max-virtual-size", metavar="SIZE", help="Refuse images with a larger virtual size.")
 @click.option("--lint-only", is_flag=True, help="Only build and lint the properties; do not check or upload.")
 @click.option("--confined", is_flag=True, help="The recipe comes from an untrusted source: refuse host files outside its folder, DIB environment, unpinned or non-https downloads, public images (docs/trust-model.md).")
+@click.option("--convert", "convert_", is_flag=True, help="Convert IMAGE to qcow2 on the way: the bytes go to "
+              "Glance as they are written (no local copy), verified by size and hash.")
+@click.option("--compress", type=click.Choice(["none", "zlib", "zstd"]), default="none", show_default=True,
+              help="With --convert: compress qcow2 clusters (zstd needs QEMU >= 5.1 on the hypervisors).")
+@click.option("--cluster-size", metavar="SIZE", help="With --convert: qcow2 cluster size (default 64K).")
 @json_option
 def upload(image: str | None, cloud: str | None, name: str | None, recipe: str | None, props: tuple[str, ...],
            visibility: str | None, tags: tuple[str, ...], protected: bool | None, min_ram: int | None,
            import_method: str, url: str | None, disk_format: str | None, force_upload: bool,
            prune_keep: int | None, prune_action: str, prune_prefix: str | None, max_virtual_size: str | None,
-           lint_only: bool, confined: bool) -> None:
+           lint_only: bool, confined: bool, convert_: bool, compress: str, cluster_size: str | None) -> None:
     """Check IMAGE and publish it to Glance, verified by size, md5 and sha512.
 
     disk_format comes from the detected format, never the extension. An identical
@@ -88,6 +94,9 @@ def upload(image: str | None, cloud: str | None, name: str | None, recipe: str |
 
         emit(data, human_lint)
         return
+    if convert_:
+        _upload_converted(image, cloud, opts, compress, cluster_size)
+        return
     p = glance.plan(image, opts)
     c = connect(cloud)
     with ProgressBar("upload") as bar:
@@ -113,6 +122,40 @@ def upload(image: str | None, cloud: str | None, name: str | None, recipe: str |
         if result.pruned:
             changed = [r for r in result.pruned["images"] if r["action"] in ("hide", "deactivate", "delete")]
             pr(f"  pruned: {len(changed)} image(s) {result.pruned['action']}", highlight=False)
+
+    emit(data, human)
+
+
+def _upload_converted(image: str | None, cloud: str | None, opts: object, compress: str,
+                      cluster_size: str | None) -> None:
+    """``upload --convert``: imagekit.glance_stream.upload_converted with a progress bar."""
+    from imagekit import convert as conv
+    from imagekit.cloud import connect
+    from imagekit.errors import UsageError
+    from imagekit.glance_stream import upload_converted
+
+    if image is None:
+        raise UsageError("--convert needs the IMAGE to convert", "imagekit upload disk.vmdk --convert --cloud NAME")
+    copts = conv.ConvertOptions(cluster_size=size_option(cluster_size),
+                                compress=None if compress == "none" else compress,
+                                max_virtual_size=getattr(opts, "max_virtual_size", None))
+    c = connect(cloud)
+    with ProgressBar("upload") as bar:
+        res = upload_converted(c, image, opts, copts, progress=bar.update)  # type: ignore[arg-type]
+    data = res.to_dict()
+
+    def human() -> None:
+        r = res.upload
+        pr = out_console.print
+        pr(f"[green]uploaded[/] {image} ({res.input_format}) converted to qcow2 as '{r.image['name']}' "
+           f"({r.image['id']})", highlight=False)
+        thr = f", {r.throughput_mib_s} MiB/s" if r.throughput_mib_s else ""
+        pr(f"  {human_bytes(res.size)} streamed{thr}, verified: Glance size and hash match, qemu-img map as "
+           f"planned ({res.map_ranges} ranges), qemu-img check {res.qemu_check}", highlight=False)
+        pr(f"  sha256 {res.sha256}", highlight=False)
+        pr(f"  sha512 {r.sha512}", highlight=False)
+        if r.lint:
+            print_lint(r.lint)
 
     emit(data, human)
 

@@ -12,10 +12,13 @@ are used as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagekit.glance import UploadResult
 from imagekit.recipe import Recipe
 
 
@@ -161,9 +164,12 @@ class ConvertResult(Result):
     output_findings: list[FindingOut]
     input_findings: list[FindingOut]
     qemu_img_check: str
-    compare: str
+    compare: str = Field(description="identical (content compared), or map-as-planned (verified by map)")
     notes: list[str]
     seconds: dict[str, float]
+    writer: Literal["imagekit", "qemu-img"] = Field(description="who wrote the output")
+    verification: str = Field(description="map (metadata + map equal to the plan) or content (full compare)")
+    map_ranges: int | None = Field(description="ranges of qemu-img map compared with the plan")
 
 
 # ---------------------------------------------------------------- publish
@@ -177,6 +183,13 @@ class LintResult(Result):
 
 class RulesResult(Result):
     rules: dict[str, str]
+
+
+@dataclass
+class ConvertedUploadOut(UploadResult):
+    """``upload --convert``: the upload, and what the conversion on the way produced."""
+
+    converted: dict[str, Any] = dc_field(default_factory=dict)
 
 
 class ImageList(Result):

@@ -80,9 +80,10 @@ from imagekit.formats.base import VerifyOptions
 from imagekit.formats.qcow2.constants import L2_RANGE_CLUSTERS, MAX_FINDINGS_PER_CODE, WINDOW_CLUSTERS
 from imagekit.formats.qcow2.header import parse_all
 from imagekit.formats.qcow2.model import Qcow2Info, Qcow2Report, Reader, Timeout, new_findings
+from imagekit.formats.qcow2.stricter import STRICTER_THAN_QEMU
 from imagekit.formats.qcow2.walk import Walk
 
-__all__ = ["Qcow2Info", "Qcow2Report", "read_info", "verify", "verify_format", "describe", "WINDOW_CLUSTERS",
+__all__ = ["STRICTER_THAN_QEMU", "Qcow2Info", "Qcow2Report", "read_info", "verify", "verify_format", "describe", "WINDOW_CLUSTERS",
            "L2_RANGE_CLUSTERS", "MAX_FINDINGS_PER_CODE"]
 
 _Out = new_findings  # the verifier's findings collector (capped per code), as the tests know it

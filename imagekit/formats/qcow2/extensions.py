@@ -62,12 +62,12 @@ def _walk_extensions(rd: Reader, h: Hdr, out: Findings, start: int) -> set[int]:
             break
         typ, length = EXT.unpack_from(cluster0, off)
         off += 8
-        if typ == EXT_END:
-            break
-        if length > end - off:
+        if length > end - off:  # QEMU checks the length before the type: even the end marker's
             where = "the backing file name" if end == bfo else "the end of cluster 0"
             out.reject("bad-extension",
                        f"header extension {hexstr(typ)} of {length} bytes at {off - 8} runs past {where}")
+            break
+        if typ == EXT_END:
             break
         if off + length > len(cluster0):
             out.reject("bad-extension", f"header extension {hexstr(typ)} runs past the end of the file")

@@ -189,6 +189,9 @@ def _check_l1(h: Hdr, out: Findings, l1_needed: int) -> bool:
     if h.l1_table_offset % cs:
         out.reject("l1-unaligned", f"L1 table offset {hexstr(h.l1_table_offset)} is not cluster aligned")
         l1_ok = False
+    elif h.l1_table_offset + h.l1_size * 8 > (1 << 63) - 1:  # QEMU refuses to open it, even for an empty L1
+        out.reject("l1-outside-file", f"L1 table offset {hexstr(h.l1_table_offset)} exceeds QEMU's maximum")
+        l1_ok = False
     if l1_ok and h.l1_size and h.l1_table_offset + h.l1_size * 8 > fsize:
         out.reject("l1-outside-file", f"L1 table [{hexstr(h.l1_table_offset)}, +{h.l1_size * 8}) runs past the "
                    f"end of the file ({fsize} bytes)")

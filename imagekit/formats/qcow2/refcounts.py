@@ -150,8 +150,14 @@ def finish(w: Walk, refcounts_known: bool) -> None:
                    + "; ".join(w.overlap_ex))
     w.stats["overlapping_clusters"] = acc["overlap"]
     if w.copied_mismatch and refcounts_known:
-        out.warn("copied-flag-mismatch", f"{w.copied_mismatch} L1/L2 entries have a COPIED flag "
-                 f"that does not match refcount == 1 (QEMU: OFLAG_COPIED errors); first: {w.copied_example}")
+        # qemu-img check counts these as corruptions (a write in place could change a shared cluster, or
+        # copy one that is not); only stale refcounts under the dirty bit make them expected
+        msg = (f"{w.copied_mismatch} L1/L2 entries have a COPIED flag that does not match refcount == 1 "
+               f"(qemu-img check: OFLAG_COPIED errors); first: {w.copied_example}")
+        if w.h.incompatible & INCOMPAT_DIRTY:
+            out.warn("copied-flag-mismatch", msg + " (dirty bit set: QEMU rebuilds refcounts)")
+        else:
+            out.reject("copied-flag-mismatch", msg)
     if refcounts_known:
         nl, nh = acc["low"], acc["high"]
         if nl:

@@ -19,10 +19,19 @@ from imagekit.formats.qcow2.constants import (
 from imagekit.formats.qcow2.model import Hdr, Reader, Snap, decode, hexstr
 from imagekit.verdict import Findings
 
+INT64_MAX = (1 << 63) - 1
+
 
 def parse_snapshots(rd: Reader, h: Hdr, out: Findings) -> None:
     """Read the snapshot table (``qcow2_read_snapshots``) with QEMU's limits."""
     if h.nb_snapshots == 0:
+        # QEMU validates the offset even for an empty table (qcow2_validate_table): it refuses to open
+        if h.snapshots_offset % h.cluster_size:
+            out.reject("snapshot-table-unaligned", f"snapshot table offset {hexstr(h.snapshots_offset)} is not "
+                       "cluster aligned (QEMU refuses to open the image, even without snapshots)")
+        elif h.snapshots_offset > INT64_MAX:
+            out.reject("snapshot-table-outside-file", f"snapshot table offset {hexstr(h.snapshots_offset)} "
+                       "exceeds QEMU's maximum file offset")
         h.snapshots_ok = True
         return
     if not _table_placed(h, out):
@@ -84,7 +93,8 @@ def _entry(h: Hdr, buf: bytes, pos: int, i: int, out: Findings) -> int | None:
     if extra >= 16:
         disk_size = struct.unpack_from(">Q", ex, 8)[0]
     elif h.version == 3:
-        out.warn("bad-snapshot", f"snapshot {i} has only {extra} bytes of extra data; v3 requires 16")
+        out.reject("bad-snapshot", f"snapshot {i} has only {extra} bytes of extra data; v3 requires 16 "
+                   "(qemu-img check: incomplete snapshot table entry, a corruption)")
     pos += extra
     sid = decode(buf[pos:pos + id_len])
     pos += id_len

@@ -221,7 +221,8 @@ class Walk:
             nz = off != 0
             unal = nz & ((off & np.uint64(self.cs - 1)) != 0)
             outside = nz & ~unal & self.past(off, self.cs)
-            for key, mask in (("res", res), ("unal", unal), ("outside", outside)):
+            flags_only = ~nz & (e != 0)  # e.g. COPIED without a table: qemu-img check walks cluster 0 as one
+            for key, mask in (("res", res), ("unal", unal), ("outside", outside), ("flags", flags_only)):
                 if mask.any():
                     i = int(np.flatnonzero(mask)[0])
                     a = agg.setdefault(key, [0, s + i, int(e[i]), int(off[i])])
@@ -232,6 +233,11 @@ class Walk:
             cnt, i, ent, _o = agg["res"]
             self.out.reject("reserved-bits", f"{label}: {cnt} entries have reserved bits set "
                             f"(first: index {i}, entry {hexstr(ent)})")
+        if "flags" in agg:
+            cnt, i, ent, _o = agg["flags"]
+            self.out.reject("l1-entry-without-table", f"{label}: {cnt} entries carry flags but no L2 table offset "
+                            f"(first: index {i}, entry {hexstr(ent)}); qemu-img check reads the header cluster as "
+                            "their L2 table and counts corruptions")
         for key, code, what in (("unal", "l2-unaligned", "is not cluster aligned"),
                                 ("outside", "l2-outside-file", "runs past the end of the file")):
             if key in agg:
