@@ -1,9 +1,10 @@
 """Signals as CI systems send them, for real.
 
 SIGTERM and SIGHUP get the clean-up of Ctrl-C and exit 128 + the signal: during a real
-diskimage-builder build (sent once mounts and loop devices backed by the build's work folder
-exist), during a convert (qemu-img still running) and during an upload to the real local
-Glance. Nothing is left: no process, mount, loop device, partial output, temporary file, or
+diskimage-builder build (sent while it holds in finalise.d: its image on loop devices backed by
+the build's work folder, partitioned, mounted, with /proc, /dev, /sys mounted in it and a hook
+running in the chroot; its elements are test-only, see tests/dib_fixture.py), during a convert
+(qemu-img still running) and during an upload to the real local Glance. Nothing is left: no process, mount, loop device, partial output, temporary file, or
 queued image. A build killed with SIGKILL is cleaned up by the next ``imagekit build``, which
 says what it removed. A second signal during the clean-up does not abort it.
 """
@@ -248,6 +249,9 @@ def build_env(tmp_path: Path) -> Iterator[dict[str, str]]:
            "IMAGEKIT_ACCEL": "tcg", "IMAGEKIT_ELEMENTS_PATH": str(ELEMENTS)}
     with build_lock():
         yield env
+        # A safety net for a test that failed half-way: what its build left (a held or frozen build whose
+        # imagekit is gone) is cleaned as the next build would. Nothing is left when the test passed.
+        workdir.reap_stale(tmp_path / "cache" / "work")
 
 
 def image_mounts(prefix: str) -> list[str]:
@@ -270,7 +274,12 @@ def start_dib_build(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Pop
     work = tmp_path / "cache" / "work"
     recipe = tiny_dib_recipe(tmp_path / "held.yaml", "held", ["imagekit-test-hold"])
     proc = cli(["--json", "build", str(recipe), "--output-dir", str(tmp_path / "out")], env, tmp_path / "build")
-    waited = wait_until(proc, lambda: holding(work), 600, tmp_path / "build.err")
+    try:
+        waited = wait_until(proc, lambda: holding(work), 600, tmp_path / "build.err")
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)  # imagekit cleans up after itself (else build_env's reap does)
+        finish(proc, 60)
+        raise
     return proc, waited
 
 
