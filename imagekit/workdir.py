@@ -14,10 +14,12 @@ diskimage-builder build) happens in a :class:`WorkDir`, a folder under
   after their parent is gone;
 - ``cleanup()`` ends the tagged processes (and any process whose root or current
   directory is inside the folder: a chroot), unmounts everything under the folder
-  (deepest first, lazily as a last resort), removes partloop mappings recorded in
-  it and detaches loop devices backed by files under it, then removes the folder —
-  never while anything is still mounted under it — and returns a
-  :class:`CleanupReport` of what it did.
+  that unmounts cleanly (deepest first), removes partloop mappings recorded in it
+  and detaches loop devices backed by files under it, then unmounts the rest
+  (lazily as a last resort: only once the loop devices are detached, because a
+  lazy unmount hides the path by which a loop device's backing file is found),
+  then removes the folder — never while anything is still mounted under it — and
+  returns a :class:`CleanupReport` of what it did.
 
 A folder is created as ``.new-<name>``, locked, then renamed, so a folder with a
 visible name always had a held lock. ``reap_stale()`` (run at the start of
@@ -310,21 +312,24 @@ def _end_processes(prefix: str) -> list[str]:
     return [f"{pid} ({name})" for pid, name in sorted(ended.items())]
 
 
-def _unmount_all(prefix: str, problems: list[str]) -> list[str]:
+def _unmount_all(prefix: str, lazy: bool) -> list[str]:
+    """Unmount what is under ``prefix``, deepest first, in passes while they make progress (a mount can be
+    busy until the ones on it are gone). ``lazy``: what is still busy after a short wait (a loop device
+    just detached may hold its file a moment longer) is unmounted lazily, as a last resort."""
     done: list[str] = []
-    for _ in range(4):
+    deadline = time.monotonic() + (2.0 if lazy else 0.0)
+    for _ in range(50):  # bounded: a path can hold stacked mounts
         mounts = mounts_under(prefix)
-        if not mounts:
+        gone = [m for m in mounts if runner.run(["umount", m], timeout=60, check=False).returncode == 0]
+        done += [m for m in gone if m not in done]
+        if not mounts or (not gone and time.monotonic() >= deadline):
             break
-        for mnt in mounts:
-            res = runner.run(["umount", mnt], timeout=60, check=False)
-            if res.returncode != 0:
-                res = runner.run(["umount", "-l", mnt], timeout=60, check=False)
-            if res.returncode == 0 and mnt not in done:
+        if not gone:
+            time.sleep(0.2)
+    if lazy:
+        for mnt in mounts_under(prefix):
+            if runner.run(["umount", "-l", mnt], timeout=60, check=False).returncode == 0 and mnt not in done:
                 done.append(mnt)
-    left = mounts_under(prefix)
-    if left:
-        problems.append(f"still mounted: {', '.join(left)}")
     return done
 
 
@@ -344,12 +349,20 @@ def clean_folder(path: str | os.PathLike[str], owner: Owner | None = None) -> Cl
     prefix = os.path.realpath(path)
     problems: list[str] = []
     processes = _end_processes(prefix)
-    unmounted = _unmount_all(prefix, problems)
+    # Loop devices are found by the path of their backing file: detach them before anything is unmounted
+    # lazily. diskimage-builder's image file is on a tmpfs in the folder, which stays busy while the loop
+    # devices hold it; unmounted lazily first, it would turn "<folder>/dib_image.X/image0.raw" into
+    # "/image0.raw" and its loop devices would be left behind, unseen.
+    unmounted = _unmount_all(prefix, lazy=False)  # the image's partitions, /proc, /dev... in the chroot
     maps = []
     state = Path(prefix) / "partloop"
     if state.is_dir():
         maps = partloop.remove_all(image_prefix=prefix + "/", state_dir=state)
     loops = _detach_loops(prefix, problems)
+    unmounted += [m for m in _unmount_all(prefix, lazy=True) if m not in unmounted]  # now free: the tmpfs
+    left = mounts_under(prefix)
+    if left:
+        problems.append(f"still mounted: {', '.join(left)}")
     removed = False
     if not mounts_under(prefix):  # never delete through a mount (a bind mount of /dev, say)
         shutil.rmtree(prefix, ignore_errors=True)

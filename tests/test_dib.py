@@ -15,7 +15,8 @@ import pytest
 from imagekit import partloop
 from imagekit import recipe as rec
 from imagekit.builders import dib
-from tests.conftest import ROOT
+from tests.dib_fixture import ELEMENTS, tiny_dib_recipe
+from tests.guest_image import build_lock
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
 
@@ -68,22 +69,23 @@ def test_partloop_maps_partitions_at_their_offsets(tmp_path: Path, monkeypatch: 
 @needs_root
 @pytest.mark.slow
 def test_failed_dib_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGEKIT_ELEMENTS_PATH", str(ROOT / "tests" / "elements"))
-    recipe_file = tmp_path / "failing.yaml"
-    recipe_file.write_text(
-        f"extends: {ROOT / 'recipes' / 'debian-12.yaml'}\nname: failing\n"
-        "build:\n  elements: [vm, debian-minimal, imagekit-test-fail]\n"
-    )
-    r = rec.load(recipe_file)
-    before_loops, before_mounts = loops(), mounts()
+    """A real DIB build (tests/dib_fixture.py: the test root, not a distribution) that fails in finalise.d,
+    with the image's partition mounted from a partloop loop device and /proc, /dev, /sys mounted in it."""
+    monkeypatch.setenv("IMAGEKIT_ELEMENTS_PATH", str(ELEMENTS))
+    r = rec.load(tiny_dib_recipe(tmp_path / "failing.yaml", "failing", ["imagekit-test-fail"]))
     out = tmp_path / "out.raw"
     work = tmp_path / "work"
-    with pytest.raises(dib.DibError) as info:
-        dib.build(r, out, workdir=work)
+    with build_lock():
+        before_loops, before_mounts = loops(), mounts()
+        with pytest.raises(dib.DibError) as info:
+            dib.build(r, out, workdir=work)
+        after_loops, after_mounts = loops(), mounts()
+    log = (tmp_path / "out.dib.log").read_text()
+    assert "Calling [sudo mount /dev/mapper/loop" in log, "the build did not get as far as mounting its image"
     assert "diskimage-builder failed" in info.value.message
     assert "imagekit-test-fail: failing on purpose" in info.value.message
     assert info.value.hint and "log" in info.value.hint
-    assert loops() == before_loops, "loop devices left behind"
-    assert mounts() == before_mounts, "mounts left behind"
+    assert after_loops == before_loops, "loop devices left behind"
+    assert after_mounts == before_mounts, "mounts left behind"
     assert not out.exists() and not any(p.name.endswith(".part") for p in tmp_path.iterdir())
     assert not any(work.iterdir())  # the build's temporary directory is gone
