@@ -255,6 +255,7 @@ class SnapshotBuilder:
 
     def build(self, recipe: Recipe, out: Path, ctx: BuildContext) -> BaseImage[SnapshotFacts]:
         from imagekit.snapshot import local
+        from imagekit.snapshot.errors import SnapshotError
         from imagekit.workdir import WorkDir
 
         spec = _spec(recipe)
@@ -269,7 +270,7 @@ class SnapshotBuilder:
             try:
                 res = local.provision(guest, out, wd.path, console_log, timeouts=spec.timeouts.seconds(),
                                       env=wd.env(), say=ctx.phase)
-            except local.SnapshotError as exc:
+            except SnapshotError as exc:
                 exc.hint = f"{exc.hint}; the whole console log: {_keep_log(console_log, recipe.name)}"
                 raise
         finally:

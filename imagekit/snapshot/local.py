@@ -34,9 +34,9 @@ from pathlib import Path
 from imagekit import accel as accel_mod
 from imagekit import boot
 from imagekit import run as runner
-from imagekit.builders.base import BuildError
 from imagekit.process import Process
 from imagekit.snapshot import console
+from imagekit.snapshot.errors import ProvisionFailed, ProvisionTimeout, ShutdownFailed, SnapshotError
 from imagekit.snapshot.monitor import MonitorError, agent_shutdown, qmp_command
 from imagekit.snapshot.userdata import UserData
 
@@ -44,24 +44,6 @@ log = logging.getLogger("imagekit.snapshot")
 
 POLL = 0.5
 Say = Callable[[str], None]
-
-
-class SnapshotError(BuildError):
-    """The snapshot guest could not be provisioned, generalised or shut down."""
-
-    code = "snapshot-failed"
-
-
-class ProvisionFailed(SnapshotError):
-    code = "snapshot-provision-failed"
-
-
-class ProvisionTimeout(SnapshotError):
-    code = "snapshot-timeout"
-
-
-class ShutdownFailed(SnapshotError):
-    code = "snapshot-shutdown-failed"
 
 
 @dataclass(frozen=True)
