@@ -11,6 +11,7 @@ STAMP_PIP := $(VENV)/.pip-done
 APT_PACKAGES := qemu-utils qemu-system-x86 libguestfs-tools python3-guestfs python3-venv \
   linux-image-amd64 debootstrap sudo xorriso curl ca-certificates fdisk gdisk kpartx \
   dosfstools squashfs-tools zstd util-linux
+APT_PACKAGES += rabbitmq-server  # the message queue of the test Nova (snapshot tests; started on private ports)
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.

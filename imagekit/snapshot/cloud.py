@@ -162,6 +162,15 @@ def _find_image(glance: Cloud, ref: str) -> dict[str, Any]:
     return active[0]
 
 
+def _check_quiesce(r: _Run, base: dict[str, Any] | None) -> None:
+    """--quiesce only where Nova can freeze the guest's file systems (before anything is created)."""
+    agent = str((base or {}).get("hw_qemu_guest_agent", "")).lower()
+    if r.opts.quiesce and agent not in ("yes", "true", "1"):
+        raise UsageError("--quiesce needs the base image to declare hw_qemu_guest_agent=yes",
+                         "without the guest agent Nova cannot freeze the file systems: the snapshot would only "
+                         "be crash-consistent; leave out --quiesce to stop the server instead")
+
+
 def _networks(r: _Run) -> Any:
     net = r.opts.network or "auto"
     if net in ("none", "auto"):
@@ -177,6 +186,7 @@ def _new_server(r: _Run) -> _Source:
     if not o.flavor:
         raise UsageError("--image needs --flavor", "the flavor of the server to customise")
     base = _find_image(r.glance, str(o.image))
+    _check_quiesce(r, base)
     flavor = wait.call(r.cloud, "find the flavor", lambda: r.conn.compute.find_flavor(o.flavor, ignore_missing=True))
     if flavor is None:
         raise UsageError(f"cloud '{r.cloud}': no flavor {o.flavor!r}")
@@ -210,6 +220,7 @@ def _existing_server(r: _Run) -> _Source:
     if server.status not in ("ACTIVE", "SHUTOFF"):
         raise ServerFailed(f"server {server.name} ({server.id}) is {server.status}: a snapshot needs ACTIVE or SHUTOFF")
     base = wait.get_image(r.glance, _image_id(server) or "")
+    _check_quiesce(r, base)
     r.warnings.append("an existing server is not generalised by imagekit: its machine-id, SSH host keys and "
                       "/var/lib/cloud are in the snapshot unless the guest removed them")
     return _Source(server, False, None, base)
@@ -273,11 +284,6 @@ def _capture(r: _Run, src: _Source, server: Any) -> str:
     """Stop the server (or leave it running for a quiesced snapshot); how it was captured."""
     w = r.opts.waits
     if r.opts.quiesce:
-        agent = str((src.base or {}).get("hw_qemu_guest_agent", "")).lower()
-        if agent not in ("yes", "true", "1"):
-            raise UsageError("--quiesce needs the base image to declare hw_qemu_guest_agent=yes",
-                             "without the guest agent Nova cannot freeze the file systems: the snapshot "
-                             "would only be crash-consistent; leave out --quiesce to stop the server instead")
         if server.status != "ACTIVE":
             raise UsageError(f"--quiesce snapshots a running server; {server.name} is {server.status}")
         return "quiesced"
@@ -436,7 +442,7 @@ def _steps(r: _Run) -> tuple[_Source, CloudSnapshotResult]:
 def _check_options(o: CloudSnapshotOptions) -> None:
     if bool(o.image) == bool(o.server):
         raise UsageError("give --image (a new server) or --server (an existing one), not both or neither")
-    if o.server and (o.user_data or o.ssh_public_key):
+    if o.server and (o.user_data is not None or o.ssh_public_key is not None):
         raise UsageError("--user-data and --ssh-public-key are for a new server (--image)")
     if o.image and o.marker:
         raise UsageError("--marker is for an existing server: a new server runs imagekit's reporter",

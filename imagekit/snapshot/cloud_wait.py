@@ -153,15 +153,16 @@ def image_active(conn: Any, cloud: Cloud, image_id: str, server_id: str, w: Wait
     idle_since: float | None = None
     while True:
         img = get_image(cloud, image_id)
-        if img is None:
-            raise ImageFailed(f"the snapshot image {image_id} disappeared while Nova was making it (HTTP 404): "
+        if img is None or img.get("status") == "deleted":
+            how = "disappeared (HTTP 404)" if img is None else "was deleted"
+            raise ImageFailed(f"the snapshot image {image_id} {how} while Nova was making it: "
                               f"Nova deletes the image when the snapshot fails. {diagnose(conn, cloud.name, server_id)}",
                               "the cause is in nova-compute's log on the server's host (the instance action can "
                               "report the snapshot event as Success: Nova records it before the upload fails)")
         status = img.get("status")
         if status == "active":
             return img
-        if status in ("killed", "deleted", "deactivated"):
+        if status in ("killed", "deactivated"):
             raise ImageFailed(f"the snapshot image {image_id} is {status}. {diagnose(conn, cloud.name, server_id)}")
         server = get_server(conn, cloud.name, server_id)
         if server is not None and not server.task_state:

@@ -34,13 +34,12 @@ import re
 import shutil
 import time
 
-from oslo_log import log as logging
-
 import nova.conf
 from nova import exception
 from nova.compute import task_states
 from nova.image import glance
 from nova.virt import fake
+from oslo_log import log as logging
 
 CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
