@@ -99,9 +99,13 @@ def qemu_processes(marker: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def snap(debian: dict[str, Any], build_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("snap")
-    code, doc, err = build(write_recipe(tmp, "snap-debian", GOOD), tmp / "out", build_env)
+def snap_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_recipe(tmp_path_factory.mktemp("snap"), "snap-debian", GOOD)
+
+
+@pytest.fixture(scope="module")
+def snap(debian: dict[str, Any], build_env: dict[str, str], snap_recipe: Path) -> dict[str, Any]:
+    code, doc, err = build(snap_recipe, snap_recipe.parent / "out", build_env)
     assert code == 0, err[-4000:] + json.dumps(doc)[-2000:]
     return doc
 
@@ -121,6 +125,16 @@ def test_snapshot_build_and_its_manifest(snap: dict[str, Any], debian: dict[str,
     assert "hello" in packages
     console = Path(stage["build"]["output"]).parent / facts["console_log"]
     assert "IMAGEKIT-GENERALISED" in console.read_text(errors="replace")
+
+
+def test_unchanged_snapshot_recipe_is_a_cache_hit(snap: dict[str, Any], snap_recipe: Path, build_env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    code, again, err = build(snap_recipe, tmp_path / "out", build_env)
+    assert code == 0, err[-3000:]
+    assert {s["name"]: s["cached"] for s in again["stages"]} == {"build": True, "customise": True, "convert": True,
+                                                                 "check": False}
+    assert again["output"]["sha256"] == snap["output"]["sha256"]
+    assert qemu_processes(build_env["IMAGEKIT_CACHE_DIR"]) == []
 
 
 @pytest.mark.guestfs
