@@ -178,12 +178,13 @@ def test_result_boots_again_with_new_host_keys(snap: dict[str, Any], tmp_path: P
     assert re.search(r"machine-id [0-9a-f]{32}\b", text)
 
 
-@pytest.mark.parametrize(("case", "provision", "timeout", "code", "says"), [
-    ("fails", FAILS, "20m", "snapshot-provision-failed", "imagekit-provision-fails"),
-    ("hangs", HANGS, "20s", "snapshot-timeout", "imagekit-provision-hangs"),
+@pytest.mark.parametrize(("case", "provision", "timeout", "code", "says", "logged"), [
+    ("fails", FAILS, "20m", "snapshot-provision-failed", "Exit code: 3", "imagekit-provision-fails"),
+    ("hangs", HANGS, "15s", "snapshot-timeout", "imagekit-provision-hangs", "imagekit-provision-hangs"),
 ])
 def test_failing_provision_leaves_nothing(debian: dict[str, Any], build_env: dict[str, str], tmp_path: Path,
-                                          case: str, provision: str, timeout: str, code: str, says: str) -> None:
+                                          case: str, provision: str, timeout: str, code: str, says: str,
+                                          logged: str) -> None:
     name = f"snap-{case}"
     out = tmp_path / "out"
     rc, doc, err = build(write_recipe(tmp_path, name, provision, timeout), out, build_env)
@@ -191,7 +192,7 @@ def test_failing_provision_leaves_nothing(debian: dict[str, Any], build_env: dic
     assert doc["code"] == code, doc
     assert "--- console (last lines) ---" in doc["error"] and says in doc["error"]
     kept = Path(build_env["IMAGEKIT_STATE_DIR"]) / "logs" / f"snapshot-{name}.console.log"
-    assert str(kept) in doc["hint"] and says in kept.read_text(errors="replace")
+    assert str(kept) in doc["hint"] and logged in kept.read_text(errors="replace")  # the whole console, kept
     cache = Path(build_env["IMAGEKIT_CACHE_DIR"])
     assert qemu_processes(str(cache)) == []
     assert not out.exists() or list(out.iterdir()) == []

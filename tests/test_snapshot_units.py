@@ -101,6 +101,8 @@ def test_console_scan_finds_this_boots_markers_only() -> None:
     p = console.scan(f"IMAGEKIT-RESULT {nonce} status=error result={bad}\nIMAGEKIT-GENERALISED {nonce} rc=1", nonce)
     assert p.result is not None and not p.result.ok and "Runparts" in p.result.errors[0]
     assert p.generalised_rc == 1
+    assert console.tail(f"IMAGEKIT-RESULT {nonce} status=error result={bad}") == \
+        f"IMAGEKIT-RESULT {nonce} status=error result=..."  # error messages do not carry the encoded blob
     garbled = console.scan(f"IMAGEKIT-RESULT {nonce} status=done result=eyJ2MSI6", nonce)
     assert garbled.result is not None and not garbled.result.readable and garbled.result.ok
     assert console.tail("a\r\n\x1b[1mb\x1b[0m\n\n  \nc\x07\n", 2) == "b\nc"

@@ -74,9 +74,12 @@ def clean(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+_RESULT_DATA = re.compile(r"(IMAGEKIT-RESULT \S+ status=\S*) result=[A-Za-z0-9+/=]+")
+
+
 def tail(text: str, lines: int = 30) -> str:
-    """The last ``lines`` non-empty lines of a console, cleaned."""
-    kept = [line.rstrip() for line in clean(text).splitlines() if line.strip()]
+    """The last ``lines`` non-empty lines of a console, cleaned (the reporter's encoded result shortened)."""
+    kept = [_RESULT_DATA.sub(r"\1 result=...", line.rstrip()) for line in clean(text).splitlines() if line.strip()]
     return "\n".join(kept[-lines:])
 
 

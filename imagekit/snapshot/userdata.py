@@ -113,7 +113,9 @@ command -v yum >/dev/null 2>&1 && yum clean all >/dev/null 2>&1
 rm -f /root/.bash_history /home/*/.bash_history
 rm -f /var/lib/dhcp/*.leases /var/lib/dhclient/*.lease* /var/lib/NetworkManager/*.lease
 rm -rf /var/lib/cloud/instances /var/lib/cloud/instance
-command -v journalctl >/dev/null 2>&1 && journalctl --rotate >/dev/null 2>&1 && journalctl --vacuum-time=1s >/dev/null 2>&1
+# the journal: written to /run until the next boot (--relinquish-var), so that the persistent one,
+# named after the old machine-id, can go
+command -v journalctl >/dev/null 2>&1 && journalctl --relinquish-var >/dev/null 2>&1
 rm -rf /var/log/journal/*
 find /var/log -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' -o -name '*.journal~' \) -delete 2>/dev/null
 find /var/log -type f -exec truncate -s 0 {} + 2>/dev/null
