@@ -93,8 +93,22 @@ class SnapshotBase(SpecModel):
         return self
 
 
-class ScriptFile(SpecModel):
-    file: HostPath
+class ProvisionScript(SpecModel):
+    """One script: inline text (``- "systemctl enable nginx"``, or ``{run: ...}``) or ``{file: PATH}``."""
+
+    run: str | None = None
+    file: HostPath | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline(cls, data: Any) -> Any:
+        return {"run": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one(self) -> ProvisionScript:
+        if (self.run is None) == (self.file is None):
+            raise ValueError("a script is inline text or {file: PATH}, exactly one of them")
+        return self
 
 
 class Provision(SpecModel):
@@ -103,7 +117,7 @@ class Provision(SpecModel):
     packages: list[PackageName] = Field(default_factory=list)
     user_data: str | None = None
     user_data_file: HostPath | None = None
-    scripts: list[str | ScriptFile] = Field(default_factory=list)
+    scripts: list[ProvisionScript] = Field(default_factory=list)
 
     @field_validator("user_data")
     @classmethod
@@ -126,7 +140,7 @@ class Provision(SpecModel):
 
     def host_files(self) -> list[Path]:
         files = [Path(self.user_data_file)] if self.user_data_file else []
-        return files + [Path(s.file) for s in self.scripts if isinstance(s, ScriptFile)]
+        return files + [Path(s.file) for s in self.scripts if s.file]
 
 
 class SnapshotTimeouts(SpecModel):
@@ -219,8 +233,8 @@ def _user_data(spec: SnapshotBuild) -> Any:
 
     p = spec.provision
     text = _read(p.user_data_file) if p.user_data_file else p.user_data
-    scripts = [userdata.Script(Path(s.file).name, _read(s.file)) if isinstance(s, ScriptFile)
-               else userdata.Script(f"script-{i}", s) for i, s in enumerate(p.scripts, 1)]
+    scripts = [userdata.Script(Path(s.file).name, _read(s.file)) if s.file
+               else userdata.Script(f"script-{i}", str(s.run)) for i, s in enumerate(p.scripts, 1)]
     return userdata.compose(text, p.packages, scripts, mode="provision")
 
 
