@@ -21,6 +21,7 @@ GITLAB_CI_LOCAL := gitlab-ci-local@4.73.0
 APT_PACKAGES += wimtools ovmf swtpm swtpm-tools python3-hivex libhivex-bin  # Windows builds: install.wim editions (wimlib), UEFI + Secure Boot firmware, TPM 2.0, registry hives (hivex)
 APT_PACKAGES += genisoimage mtools  # Windows tests: a UDF install ISO like Microsoft's; the FAT image of the UEFI-shell stand-in guest
 APT_PACKAGES += python3-libnbd libnbd-bin libzstd1  # qcow2 writer: NBD input (libnbd's Python binding), zstd clusters
+APT_PACKAGES += rabbitmq-server  # the message queue of the test Nova (snapshot tests; started on private ports)
 # Debian's python3. The venv is isolated from its dist-packages (no Debian python3-* package
 # shadows a pinned dependency, and no system .pth file runs at every start); only the guestfs
 # binding, which is not on PyPI, is linked into it.

@@ -47,18 +47,23 @@ class BootResult:
         return asdict(self)
 
 
-def nocloud_seed(path: Path, hostname: str = "imagekit-boot-test") -> Path:
-    """A NoCloud seed ISO (volume ``cidata``) whose user-data echoes MARKER to the console."""
+MARKER_USER_DATA = (
+    "#cloud-config\n"
+    f"runcmd:\n  - [sh, -c, 'echo {MARKER} > /dev/ttyS0; echo {MARKER} > /dev/console']\n"
+)
+
+
+def nocloud_seed(path: Path, hostname: str = "imagekit-boot-test", *, user_data: str | None = None,
+                 instance_id: str | None = None) -> Path:
+    """A NoCloud seed ISO (volume ``cidata``) carrying ``user_data`` (default: a runcmd that echoes
+    MARKER to the console) and meta-data naming the instance (default id: the host name)."""
     import pycdlib
 
-    user_data = (
-        "#cloud-config\n"
-        f"runcmd:\n  - [sh, -c, 'echo {MARKER} > /dev/ttyS0; echo {MARKER} > /dev/console']\n"
-    ).encode()
-    meta_data = f"instance-id: {hostname}\nlocal-hostname: {hostname}\n".encode()
+    data_user = (user_data if user_data is not None else MARKER_USER_DATA).encode()
+    meta_data = f"instance-id: {instance_id or hostname}\nlocal-hostname: {hostname}\n".encode()
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
-    for name, data in (("user-data", user_data), ("meta-data", meta_data)):
+    for name, data in (("user-data", data_user), ("meta-data", meta_data)):
         iso_name = "/" + name.replace("-", "").upper()[:8] + ".;1"
         iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path="/" + name)
     iso.write(str(path))
@@ -66,9 +71,28 @@ def nocloud_seed(path: Path, hostname: str = "imagekit-boot-test") -> Path:
     return path
 
 
+def qemu_argv(qemu: str, choice: accel.AccelChoice, drive: str, seed: Path, *, memory_mib: int = 1024,
+              cpus: int = 1, network: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+    """QEMU's command line for a test or snapshot boot: serial console on stdout, ``drive`` (a
+    ``-drive`` specification) as the virtio root disk, the NoCloud ``seed``, user-mode networking
+    (``restrict=on``, no way out, unless ``network``)."""
+    return [
+        qemu, *accel.qemu_accel_args(choice), "-machine", "pc", "-m", str(memory_mib), "-smp", str(cpus),
+        "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio", "-monitor", "none",
+        "-drive", drive,
+        "-drive", f"file={seed},format=raw,if=virtio,readonly=on",
+        "-netdev", "user,id=n0" + ("" if network else ",restrict=on"), "-device", "virtio-net-pci,netdev=n0",
+        *extra,
+    ]
+
+
 def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memory_mib: int = 1024,
-         wait_for: str = "cloud-init", accel_name: str | accel.AccelChoice | None = None, console_log: Path | None = None) -> BootResult:
-    """Boot ``image`` (format ``fmt``) until it reaches ``wait_for``: ``login`` or ``cloud-init``."""
+         wait_for: str = "cloud-init", accel_name: str | accel.AccelChoice | None = None,
+         console_log: Path | None = None, user_data: str | None = None) -> BootResult:
+    """Boot ``image`` (format ``fmt``) until it reaches ``wait_for``: ``login`` or ``cloud-init``.
+
+    ``user_data`` replaces the seed's default (a runcmd echoing MARKER): it must then print
+    MARKER itself for ``cloud-init`` to be reached."""
     choice = accel.resolve(accel_name)
     qemu = accel.qemu_system_binary()
     if qemu is None:
@@ -77,14 +101,9 @@ def boot(image: str | os.PathLike[str], fmt: str, *, timeout: float = 600, memor
         raise BootError(f"boot tests take qcow2 or raw images, not {fmt}")
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="imagekit-boot-") as tmp:
-        seed = nocloud_seed(Path(tmp) / "seed.iso")
-        argv = [
-            qemu, *accel.qemu_accel_args(choice), "-machine", "pc", "-m", str(memory_mib), "-smp", "1",
-            "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio", "-monitor", "none",
-            "-drive", f"file={os.fspath(image)},format={fmt},if=virtio,snapshot=on",
-            "-drive", f"file={seed},format=raw,if=virtio,readonly=on",
-            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0",
-        ]
+        seed = nocloud_seed(Path(tmp) / "seed.iso", user_data=user_data)
+        argv = qemu_argv(qemu, choice, f"file={os.fspath(image)},format={fmt},if=virtio,snapshot=on", seed,
+                         memory_mib=memory_mib)
         log_path = console_log or Path(tmp) / "console.log"
         if console_log is not None:
             console_log.unlink(missing_ok=True)

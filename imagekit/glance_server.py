@@ -346,10 +346,13 @@ def _wait_answers(proc: Process, endpoint: str, timeout: float, log: Path) -> No
 def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
           home: str | os.PathLike[str] | None = None, clouds_yaml: str | os.PathLike[str] | None = None,
           write_clouds: bool = True, cloud: str = CLOUD_NAME, timeout: float = START_TIMEOUT,
-          hashing_algorithm: str = "sha512") -> ServerInfo:
+          hashing_algorithm: str = "sha512", sqlite_tuning: bool = False) -> ServerInfo:
     """Start the local Glance (or return the one already running for HOME) and wait until it answers.
 
-    ``hashing_algorithm`` is Glance's option of that name (what ``os_hash_value`` holds)."""
+    ``hashing_algorithm`` is Glance's option of that name (what ``os_hash_value`` holds).
+    ``sqlite_tuning``: serve ``imagekit.glance_wsgi`` (WAL, busy timeout, immediate writer
+    transactions: ``imagekit.sqlite_tuning``) for a Glance that other services such as Nova
+    call while clients upload."""
     home_p = Path(home) if home is not None else default_home()
     home_p = home_p.resolve()
     current = status(home_p)
@@ -375,7 +378,8 @@ def serve(port: int | None = None, data_dir: str | os.PathLike[str] | None = Non
     endpoint = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
             "--threads", "4", "--timeout", "600", "--graceful-timeout", "5",
-            "--name", _identity(home_p), "glance.wsgi.api:application"]
+            "--name", _identity(home_p),
+            "imagekit.glance_wsgi:application" if sqlite_tuning else "glance.wsgi.api:application"]
     proc = Process(argv, log_path=log, env={"OS_GLANCE_CONFIG_DIR": str(conf.parent)}, cwd=home_p, detached=True,
                    pid_file=_pid_file(home_p), identity=_identity(home_p), term_group=False,
                    stop_timeout=STOP_TIMEOUT).start()

@@ -8,11 +8,17 @@ temporary name, then renamed). Its JSON, key by key:
 - ``inputs``: the files the image was made from (the base image of a cloud-image build,
   the recipe file), each with its digest; ``elements``: diskimage-builder's elements
   (None for other methods);
-- ``tools``: versions of the programs; ``accelerator``: the one used and why;
+- ``tools``: versions of the programs; ``accelerator``: the one used and why (None when no
+  VM ran here: a cloud snapshot);
 - ``stages``: name, seconds, cached, cache key of each; ``seconds_total``;
-- ``output``: the image (path, format, sizes, sha256); ``check``: verdict and findings;
+- ``output``: the image (path, format, sizes, sha256; a cloud snapshot: the image's URL in
+  Glance, no sha256); ``check``: verdict and findings (None when the image was not checked
+  here: a cloud snapshot);
 - ``glance``: the upload (None without one); ``guest``: the OS found in the image and
-  its packages; ``created``.
+  its packages (None when it was not inspected here); ``created``.
+
+``imagekit build`` (every build method, ``snapshot`` included) and ``imagekit snapshot
+--cloud`` (``imagekit.snapshot.cloud_manifest``) write this same document.
 """
 
 from __future__ import annotations
@@ -59,13 +65,13 @@ class Manifest:
     inputs: tuple[ManifestInput, ...]
     elements: tuple[str, ...] | None
     tools: ToolVersions
-    accelerator: AccelChoice
+    accelerator: AccelChoice | None
     stages: tuple[StageTiming, ...]
     seconds_total: float
     output: Artifact
-    check: Checked
+    check: Checked | None
     glance: Uploaded | None
-    guest: Customised
+    guest: Customised | None
     created: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,15 +82,15 @@ class Manifest:
             "inputs": [i.to_dict() for i in self.inputs],
             "elements": list(self.elements) if self.elements is not None else None,
             "tools": self.tools.to_dict(),
-            "accelerator": self.accelerator.to_dict(),
+            "accelerator": self.accelerator.to_dict() if self.accelerator is not None else None,
             "stages": [{"name": s.name, "seconds": s.seconds, "cached": s.cached, "key": s.key} for s in self.stages],
             "seconds_total": self.seconds_total,
             "output": self.output.to_dict(),
-            "check": self.check.to_dict(),
+            "check": self.check.to_dict() if self.check is not None else None,
             "glance": self.glance.to_dict() if self.glance is not None else None,
             "guest": {"os": self.guest.os,
                       "packages": [{"name": p.name, "version": p.version, "arch": p.arch}
-                                   for p in self.guest.packages]},
+                                   for p in self.guest.packages]} if self.guest is not None else None,
             "created": self.created,
         }
 

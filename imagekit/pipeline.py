@@ -301,8 +301,13 @@ def _build_stage(run: _Run) -> tuple[cache.Entry, BaseImage[Any]]:
     """The base image, from the recipe's build method (its clean-ups replayed if it fails)."""
     builder = run.builder
 
+    def base_of(recipe: Recipe, folder: Path) -> Artifact:  # a base recipe (snapshot method), never uploaded
+        return build(recipe, folder, replace(run.options, upload_cloud=None),
+                     phase=lambda stage, msg: run.say("build", f"base {recipe.name}: {stage}: {msg}")).output
+
     def produce(entry: cache.Entry) -> BaseImage[Any]:
-        ctx = BuildContext(accel=run.options.accel, tools=run.tools, phase=lambda msg: run.say("build", msg))
+        ctx = BuildContext(accel=run.options.accel, tools=run.tools, phase=lambda msg: run.say("build", msg),
+                           build_recipe=base_of)
         image = run_builder(builder, run.recipe, entry.artifact, ctx)
         return replace(image, path=image.path.relative_to(entry.dir))  # stored relative to its entry
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest_plugins = ["tests.glance_fixture", "tests.ci_fixture"]
+pytest_plugins = ["tests.glance_fixture", "tests.ci_fixture", "tests.nova_fixture", "tests.debian_build"]
 
 
 @pytest.fixture(scope="session")

@@ -71,3 +71,14 @@ def test_only_the_cli_prints() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 offenders.append(f"{rel}:{node.lineno}")
     assert not offenders, f"library code prints (only imagekit.cli may): {offenders}"
+
+
+def test_the_cli_starts_light() -> None:
+    """Importing the command line loads no heavy library: quick commands (check, --version) stay quick."""
+    import subprocess
+    import sys
+
+    heavy = ("pydantic", "yaml", "rich", "numpy", "imagekit.builders", "imagekit.recipe", "glanceclient", "openstack")
+    code = "import imagekit.cli, sys; print(','.join(m for m in %r if m in sys.modules))" % (heavy,)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "", f"imported at start-up: {out.strip()}"

@@ -1,7 +1,8 @@
 """`imagekit build` end to end, for real: debian-12 with real diskimage-builder, customised
 with libguestfs, converted and checked, uploaded to the real local Glance, booted under
 QEMU to cloud-init's final stage; the step cache; the cloud-image builder served from
-127.0.0.1. One cold build is shared by the tests of this module."""
+127.0.0.1. One cold build (``tests/debian_build.py``, session-scoped) is shared by the tests
+of this module and the snapshot tests."""
 
 from __future__ import annotations
 
@@ -18,35 +19,15 @@ import pytest
 
 from imagekit.cloud import connect
 from tests.conftest import ROOT
+from tests.debian_build import run_build
 from tests.http_fixture import FileServer
 from tests.json_contract import assert_document
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="image builds need root")]
 
 
-def run_build(*args: str, env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "imagekit", "--json", "build", *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, cwd=ROOT, timeout=timeout)
-    assert proc.returncode == 0, f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    data: dict[str, Any] = assert_document("build", proc.stdout)
-    return data
-
-
 def stages(result: dict[str, Any]) -> dict[str, bool]:
     return {s["name"]: s["cached"] for s in result["stages"]}
-
-
-@pytest.fixture(scope="module")
-def build_env(tmp_path_factory: pytest.TempPathFactory, glance_server_session: Any) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("build-cache")
-    return {**glance_server_session.env, "IMAGEKIT_CACHE_DIR": str(cache),
-            "IMAGEKIT_STATE_DIR": str(tmp_path_factory.mktemp("build-state"))}
-
-
-@pytest.fixture(scope="module")
-def debian(tmp_path_factory: pytest.TempPathFactory, build_env: dict[str, str]) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("out")
-    return run_build("debian-12", "--output-dir", str(out), "--upload", "--cloud", "imagekit-local", env=build_env)
 
 
 def test_debian_build_output_and_manifest(debian: dict[str, Any]) -> None:

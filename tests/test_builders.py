@@ -204,7 +204,7 @@ def test_run_builder_refuses_a_result_elsewhere(tmp_path: Path) -> None:
 
 
 def test_registry_of_shipped_methods() -> None:
-    assert builders.methods() == ["cloud-image", "dib", "windows"]
+    assert builders.methods() == ["cloud-image", "dib", "snapshot", "windows"]
     for method in builders.methods():
         b = builders.get(method)
         assert isinstance(b, builders.Builder) and b.model.model_fields["method"].annotation == Literal[method]

@@ -24,6 +24,7 @@ from imagekit.builders.base import (
 )
 from imagekit.builders.cloud_image import CloudImageBuilder
 from imagekit.builders.dib import DibBuilder
+from imagekit.builders.snapshot import SnapshotBuilder
 from imagekit.builders.windows import WindowsBuilder
 
 __all__ = ["BaseImage", "Build", "BuildContext", "BuildError", "BuildSpec", "Builder", "ManifestInput",
@@ -34,6 +35,7 @@ _BUILDERS: tuple[Builder, ...] = (
     DibBuilder(),
     CloudImageBuilder(),
     WindowsBuilder(),
+    SnapshotBuilder(),
 )
 
 _registry: dict[str, Builder] = {}

@@ -35,6 +35,7 @@ from imagekit.errors import ImagekitError
 from imagekit.specs import SpecModel
 
 if TYPE_CHECKING:
+    from imagekit.artifact import Artifact
     from imagekit.recipe import Recipe
 
 log = logging.getLogger("imagekit.builders")
@@ -176,6 +177,9 @@ class BuildContext:
     phase: Say = _quiet  # a one-line message about what the build is doing now
     progress: Progress | None = None  # (bytes done, bytes in all) of a download
     rollbacks: list[Rollback] = field(default_factory=list)
+    # Build another recipe through the same pipeline (same options and cache) into a folder and
+    # return its output: for methods that start from a recipe's output (snapshot).
+    build_recipe: Callable[[Recipe, Path], Artifact] | None = None
 
     def add_rollback(self, fn: Callable[[], object], what: str) -> None:
         """Register a clean-up, run (last registered first) if the build fails or is interrupted."""

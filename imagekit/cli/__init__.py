@@ -29,6 +29,7 @@ from imagekit.cli import guest as _guest  # noqa: F401
 from imagekit.cli import images as _images  # noqa: F401
 from imagekit.cli import publish as _publish  # noqa: F401
 from imagekit.cli import recipes as _recipes  # noqa: F401
+from imagekit.cli import snapshot as _snapshot  # noqa: F401
 from imagekit.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
