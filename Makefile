@@ -52,10 +52,11 @@ $(STAMP_APT): Makefile
 	@test -x $(SYSTEM_PYTHON) || { echo "error: $(SYSTEM_PYTHON) missing" >&2; exit 1; }
 	@test -d $(VENV) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])') && \
-	for f in $$(dpkg -L python3-guestfs | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done && \
+	for f in $$(dpkg -L python3-guestfs python3-libnbd | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done && \
 	for f in $$(dpkg -L python3-hivex | grep -E '/dist-packages/([^/]+\.so|hivex)$$'); do ln -sfn "$$f" "$$site/"; done
 	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
 	@$(PY) -c 'import hivex' || { echo "error: the hivex binding is not importable in $(VENV)" >&2; exit 1; }
+	@$(PY) -c 'import nbd' || { echo "error: the libnbd binding is not importable in $(VENV)" >&2; exit 1; }
 	@touch $@
 
 # npm packages in a project-local prefix ($(VENV)/npm), with the machine's Node.js (Debian's nodejs/npm if none).
@@ -63,9 +64,6 @@ $(STAMP_NPM): $(STAMP_APT) Makefile
 	@command -v npm >/dev/null || { echo "installing Debian's nodejs and npm"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; }
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm $(GITLAB_CI_LOCAL)
-	for f in $$(dpkg -L python3-guestfs python3-libnbd | grep -E '/dist-packages/[^/]+\.(py|so)$$'); do ln -sfn "$$f" "$$site/"; done
-	@$(PY) -c 'import guestfs' || { echo "error: the guestfs binding is not importable in $(VENV)" >&2; exit 1; }
-	@$(PY) -c 'import nbd' || { echo "error: the libnbd binding is not importable in $(VENV)" >&2; exit 1; }
 	@touch $@
 
 # editable_mode=compat: a plain path in a .pth file; the default mode's import finder costs every

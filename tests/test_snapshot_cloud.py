@@ -186,10 +186,10 @@ def test_snapshot_failing_in_the_driver_fails_fast(nova_cloud: NovaCloud, base: 
                    "--snapshot-timeout", "3600", "--output-dir", str(tmp_path), timeout=120)
     assert res.code == 1, res.out + res.err
     doc = res.json()
-    assert isinstance(doc, dict) and doc["code"] == "snapshot-image-failed"
-    assert "Nova deletes the image when the snapshot fails" in doc["error"]  # 404, or status deleted
-    assert "createImage" in doc["error"] and "task state none" in doc["error"]  # what the cloud says about it
-    assert "nova-compute's log" in doc["hint"]
+    assert isinstance(doc, dict) and doc["error"]["code"] == "snapshot-image-failed"
+    assert "Nova deletes the image when the snapshot fails" in doc["error"]["message"]  # 404, or status deleted
+    assert "createImage" in doc["error"]["message"] and "task state none" in doc["error"]["message"]  # what the cloud says about it
+    assert "nova-compute's log" in doc["error"]["hint"]
     assert not list(tmp_path.iterdir())  # no manifest
     nothing_left()
 
@@ -200,9 +200,9 @@ def test_cloud_init_error_fails_before_any_snapshot(nova_cloud: NovaCloud, base:
                    "--server-metadata", "imagekit_fake_console=error", "--output-dir", str(tmp_path))
     assert res.code == 1, res.out + res.err
     doc = res.json()
-    assert isinstance(doc, dict) and doc["code"] == "snapshot-provision-failed"
-    assert "status 'error'" in doc["error"] and "Runparts" in doc["error"]
-    assert "--- console (last lines) ---" in doc["error"] and "+ false" in doc["error"]
+    assert isinstance(doc, dict) and doc["error"]["code"] == "snapshot-provision-failed"
+    assert "status 'error'" in doc["error"]["message"] and "Runparts" in doc["error"]["message"]
+    assert "--- console (last lines) ---" in doc["error"]["message"] and "+ false" in doc["error"]["message"]
     nothing_left()
 
 
@@ -256,9 +256,9 @@ def test_volume_backed_server_is_refused(nova_cloud: NovaCloud, base: Base, tmp_
         res = snapshot(nova_cloud, "--server", server.id, *FAST, "--output-dir", str(tmp_path))
         assert res.code == 1, res.out + res.err
         doc = res.json()
-        assert isinstance(doc, dict) and doc["code"] == "snapshot-volume-backed"
-        assert "boots from a volume" in doc["error"] and "0-byte image" in doc["error"]
-        assert "Cinder" in doc["hint"]
+        assert isinstance(doc, dict) and doc["error"]["code"] == "snapshot-volume-backed"
+        assert "boots from a volume" in doc["error"]["message"] and "0-byte image" in doc["error"]["message"]
+        assert "Cinder" in doc["error"]["hint"]
         assert conn.compute.find_server(server.id) is not None  # not imagekit's to delete
         assert cloud_state(nova_cloud)[2] == images  # no image was made
     finally:
@@ -308,7 +308,7 @@ def test_interrupt_at_each_wait_leaves_nothing(nova_cloud: NovaCloud, base: Base
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + sig, "".join(seen) + err
-    assert json.loads(out)["code"] == "interrupted"
+    assert json.loads(out)["error"]["code"] == "interrupted"
     nothing_left()
 
 

@@ -189,10 +189,10 @@ def test_failing_provision_leaves_nothing(debian: dict[str, Any], build_env: dic
     out = tmp_path / "out"
     rc, doc, err = build(write_recipe(tmp_path, name, provision, timeout), out, build_env)
     assert rc == 1, err[-3000:]
-    assert doc["code"] == code, doc
-    assert "--- console (last lines) ---" in doc["error"] and says in doc["error"]
+    assert doc["error"]["code"] == code, doc
+    assert "--- console (last lines) ---" in doc["error"]["message"] and says in doc["error"]["message"]
     kept = Path(build_env["IMAGEKIT_STATE_DIR"]) / "logs" / f"snapshot-{name}.console.log"
-    assert str(kept) in doc["hint"] and logged in kept.read_text(errors="replace")  # the whole console, kept
+    assert str(kept) in doc["error"]["hint"] and logged in kept.read_text(errors="replace")  # the whole console, kept
     cache = Path(build_env["IMAGEKIT_CACHE_DIR"])
     assert qemu_processes(str(cache)) == []
     assert not out.exists() or list(out.iterdir()) == []

@@ -315,7 +315,7 @@ def test_snapshot_cli_usage_errors(imagekit: Callable[..., Any], args: tuple[str
     res = imagekit("--json", "snapshot", "--cloud", "nowhere", *args)
     assert res.code == 2, res.err
     doc = res.json()
-    assert doc["code"] == "usage" and says in doc["error"]
+    assert doc["error"]["code"] == "usage" and says in doc["error"]["message"]
 
 
 def test_snapshot_is_a_registered_build_method() -> None:
