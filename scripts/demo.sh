@@ -36,8 +36,10 @@ trap '"$IMAGEKIT" glance stop >/dev/null 2>&1 || true' EXIT
 step "build debian-12 with diskimage-builder, customise, convert, check, upload"
 "$IMAGEKIT" build debian-12 --output-dir "$WORK/out" --upload --cloud imagekit-local
 
-step "the image in Glance"
+step "the image in Glance (imagekit, and the standard OpenStack client with the same clouds.yaml entry)"
 "$IMAGEKIT" images list --cloud imagekit-local --name-prefix debian-12
+OPENSTACK="$(dirname "$IMAGEKIT")/openstack"
+if [ -x "$OPENSTACK" ]; then "$OPENSTACK" --os-cloud imagekit-local image list; fi
 
 step "done"
 echo "image and manifest: $WORK/out/"
