@@ -79,6 +79,6 @@ def test_the_cli_starts_light() -> None:
     import sys
 
     heavy = ("pydantic", "yaml", "rich", "numpy", "imagekit.builders", "imagekit.recipe", "glanceclient", "openstack")
-    code = "import imagekit.cli, sys; print(','.join(m for m in %r if m in sys.modules))" % (heavy,)
+    code = f"import imagekit.cli, sys; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "", f"imported at start-up: {out.strip()}"
