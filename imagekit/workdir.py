@@ -40,6 +40,7 @@ import secrets as _random
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,23 @@ class WorkDirError(ImagekitError):
 def work_root() -> Path:
     """Where work folders live by default: ``paths.cache_dir()/"work"``."""
     return paths.cache_dir() / "work"
+
+
+def short_root() -> Path:
+    """Work folders for unix sockets, whose paths must stay under 108 bytes: the system's temporary
+    folder (``TMPDIR``, usually /tmp), per user. ``reap_stale()`` cleans it with the work root."""
+    import tempfile  # noqa: PLC0415 - rarely needed
+
+    root = Path(tempfile.gettempdir()) / f"imagekit-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+    except OSError as exc:
+        raise WorkDirError(f"cannot create {root}: {exc.strerror}", "set TMPDIR to a folder you own") from exc
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise WorkDirError(f"{root} is not a private folder of this user (another user made it?)",
+                           "remove it, or set TMPDIR to a folder you own")
+    return root
 
 
 # ---------------------------------------------------------------- reports
@@ -411,8 +429,14 @@ def _is_legacy_stale(path: Path) -> bool:
 
 
 def reap_stale(base: str | os.PathLike[str] | None = None) -> list[CleanupReport]:
-    """Clean and remove the work folders under ``base`` whose owner is gone; return what was done."""
-    root = Path(base) if base is not None else work_root()
+    """Clean and remove the work folders under ``base`` (by default the work root and the short root
+    for sockets) whose owner is gone; return what was done."""
+    if base is None:
+        return _reap(work_root()) + _reap(short_root())
+    return _reap(Path(base))
+
+
+def _reap(root: Path) -> list[CleanupReport]:
     if not root.is_dir():
         return []
     reports = []

@@ -257,6 +257,24 @@ def test_unreadable_and_unopenable_inputs(tmp_path: Path) -> None:
                    for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists())
 
 
+def test_deep_work_folder_gets_a_short_socket(tmp_path: Path) -> None:
+    """A CI runner's cache folder is deep (GitLab's builds/<group>/<project>/...): the NBD socket path
+    would pass the 108 bytes a unix socket may have, so it goes to a private short folder instead,
+    which is gone afterwards."""
+    from imagekit.workdir import short_root  # noqa: PLC0415
+
+    src = fac.write_pattern(tmp_path / "d.raw", 2 * MiB)
+    qcow = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(qcow)], check=True)
+    deep = tmp_path / ("runner-cache-" * 8) / "work"
+    before = set(short_root().iterdir())
+    with NbdSource(qcow, "qcow2", work_base=deep) as s:
+        assert s.size == 2 * MiB
+        assert len(s._sock) <= 100 and s._sock.startswith(str(short_root()))
+    assert set(short_root().iterdir()) == before
+    assert oct(short_root().stat().st_mode & 0o777) == "0o700"
+
+
 def test_convert_cli_verify_map_and_content(tmp_path: Path, imagekit) -> None:  # type: ignore[no-untyped-def]
     src = fac.write_pattern(tmp_path / "d.raw", 8 * MiB)
     r = imagekit("--json", "convert", str(src), "-o", str(tmp_path / "m.qcow2"), "--compress", "zstd")

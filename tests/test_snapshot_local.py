@@ -200,4 +200,4 @@ def test_failing_provision_leaves_nothing(debian: dict[str, Any], build_env: dic
     assert not work.is_dir() or [p.name for p in work.iterdir()] == []  # the work folder (overlay, seed) is gone
     listed = subprocess.run([sys.executable, "-m", "imagekit", "--json", "cache", "list"], capture_output=True,
                             text=True, cwd=ROOT, env={**os.environ, **build_env}, check=True)
-    assert name not in {row["recipe"] for row in json.loads(listed.stdout)}
+    assert name not in {row["recipe"] for row in json.loads(listed.stdout)["entries"]}

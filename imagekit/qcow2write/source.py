@@ -37,7 +37,7 @@ import numpy as np
 from imagekit.errors import ImagekitError, ImageReadError, ToolNotFound
 from imagekit.process import Process
 from imagekit.run import Limits
-from imagekit.workdir import WorkDir
+from imagekit.workdir import WorkDir, short_root
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -49,6 +49,7 @@ MAX_REQUEST = 32 << 20  # the export's block_size_maximum
 STATUS_REQUEST = 1 << 31  # libnbd 1.14: the count is 32-bit
 READ_PIECE = 4 << 20
 READY_TIMEOUT = 15.0
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 _BACKING_FORMATS = ("qcow2", "vmdk", "qed", "qcow")
 T = TypeVar("T")
 
@@ -133,9 +134,13 @@ class NbdSource:
     def _start(self) -> None:
         self._work = WorkDir(prefix="nbd-", base=self.work_base)
         self._sock = str(self._work.path / "nbd.sock")
-        if len(self._sock) > 100:
+        if len(self._sock) > SOCKET_PATH_MAX:  # a deep cache folder (CI runners): a short one for the socket
+            self._work.cleanup()
+            self._work = WorkDir(prefix="nbd-", base=short_root())
+            self._sock = str(self._work.path / "nbd.sock")
+        if len(self._sock) > SOCKET_PATH_MAX:
             raise NbdError(f"the work folder's path is too long for a unix socket: {self._work.path}",
-                           "set IMAGEKIT_CACHE_DIR to a shorter path")
+                           "set TMPDIR to a shorter path")
         self._proc = Process(self._argv(), log_path=self._work.path / "qemu-nbd.log", env=self._work.env(),
                              stop_timeout=5.0).start()
         self._wait_ready()
