@@ -27,3 +27,104 @@ def test_glance_record_matching_what_was_sent_passes() -> None:
     assert glance._verify(_record(), 100, {"sha512": SHA, "md5": MD5}) == []
     assert glance._verify(_record(checksum=None), 100, {"sha512": SHA, "md5": MD5}) == []
     assert glance._verify(_record(), None, {"sha512": SHA}) == []
+
+
+# ---------------------------------------------------------------- convert: refusing a bad output
+#
+# The conversion tools do not write bad images on their own, so each test injects the fault: the
+# written output is corrupted between the write and the verification (or, for qemu-img check, imagekit's
+# own check is made to miss the corruption), and the conversion must fail and leave nothing behind.
+
+import json  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from imagekit import convert as conv  # noqa: E402
+from imagekit import convert_writer  # noqa: E402
+from imagekit.errors import ImagekitError, UnsafeImageError  # noqa: E402
+from tests import image_factory as fac  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _l1_past_eof(path: Path) -> None:
+    """The header's L1 table offset (bytes 40..47, big-endian) pointed 1 TiB past the end of the file."""
+    with open(path, "r+b") as f:
+        f.seek(40)
+        f.write(struct.pack(">Q", 1 << 40))
+
+
+def _flip_data(path: Path) -> None:
+    """One byte of the first data cluster changed: every table stays valid, the content does not."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    off = next(e["offset"] for e in json.loads(out) if e.get("data") and "offset" in e)
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _leftovers(d: Path, src: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p != src)
+
+
+def _corrupt_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, damage: Callable[[Path], None],
+                   arg: int) -> None:
+    real = getattr(module, name)
+
+    def wrapped(*a: object, **kw: object) -> object:
+        if name == "_qemu_img_convert":
+            res = real(*a, **kw)
+            damage(a[arg])  # type: ignore[arg-type]
+            return res
+        damage(a[arg])  # type: ignore[arg-type]
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("writer", ["qemu-img", "auto"])
+def test_output_failing_imagekits_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   writer: str) -> None:
+    src = fac.write_pattern(tmp_path / "in.raw", 4 * MiB)
+    if writer == "qemu-img":
+        _corrupt_after(monkeypatch, conv, "_qemu_img_convert", _l1_past_eof, 2)
+    else:
+        _corrupt_after(monkeypatch, convert_writer, "verify_file", _l1_past_eof, 0)
+    with pytest.raises(UnsafeImageError) as info:
+        conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer=writer))
+    assert "failed imagekit's check" in info.value.message and "l1" in " ".join(info.value.verdict.codes())
+    assert _leftovers(tmp_path, src) == []  # neither the output nor its temporary name
+
+
+def test_output_failing_qemu_img_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault: imagekit's own check of the output is replaced by one that passes, so only qemu-img check
+    stands between the corrupted output and the final name."""
+    src = fac.write_pattern(tmp_path / "in.raw", 4 * MiB)
+    _corrupt_after(monkeypatch, conv, "_qemu_img_convert", _l1_past_eof, 2)
+    real_check = conv.check
+    monkeypatch.setattr(conv, "check", lambda path, **kw: real_check(src, **{**kw, "declared": "raw"}))
+    with pytest.raises(ImagekitError) as info:
+        conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer="qemu-img"))
+    assert "qemu-img check found problems" in info.value.message
+    assert _leftovers(tmp_path, src) == []
+
+
+@pytest.mark.parametrize("writer", ["qemu-img", "auto"])
+def test_output_differing_from_the_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    writer: str) -> None:
+    src = fac.write_pattern(tmp_path / "in.raw", 4 * MiB)
+    if writer == "qemu-img":
+        _corrupt_after(monkeypatch, conv, "_qemu_img_convert", _flip_data, 2)
+    else:
+        _corrupt_after(monkeypatch, convert_writer, "verify_file", _flip_data, 0)
+    with pytest.raises(ImagekitError) as info:
+        conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer=writer, verify="content"))
+    assert "differs from the input" in info.value.message
+    assert _leftovers(tmp_path, src) == []
