@@ -128,3 +128,77 @@ def test_output_differing_from_the_input_is_refused(tmp_path: Path, monkeypatch:
         conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer=writer, verify="content"))
     assert "differs from the input" in info.value.message
     assert _leftovers(tmp_path, src) == []
+
+
+# ---------------------------------------------------------------- customise: secrets in a failing step
+
+
+class _FailingGuest:
+    """A stand-in for the libguestfs session (no appliance needed): a Linux guest whose every file call
+    fails with libguestfs' kind of error, and the error text quotes what was being written, secrets
+    included, as real libguestfs errors quote their arguments."""
+
+    os_type = "linux"
+
+    def __init__(self, leak: str) -> None:
+        self.leak = leak
+
+    def is_file(self, path: str) -> bool:
+        return True
+
+    def read_text(self, path: str) -> str:
+        return "root:x:1:0:99999:7:::\n"
+
+    def write_text(self, path: str, text: str, *a: object, **kw: object) -> None:
+        raise RuntimeError(f"write: {path}: No space left on device (content: {text})")
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        def fail(*a: object, **kw: object) -> object:
+            raise RuntimeError(f"{name}{a}: failed with {self.leak}")
+        return fail
+
+
+def test_failing_step_output_and_error_are_scrubbed() -> None:
+    from pydantic import TypeAdapter  # noqa: PLC0415
+
+    from imagekit.customise import CustomiseError, run_steps  # noqa: PLC0415
+    from imagekit.steps import Step  # noqa: PLC0415
+    from tests.test_steps import HASH  # noqa: PLC0415
+
+    steps = TypeAdapter(list[Step]).validate_python([{"op": "root-password", "hash": HASH}])
+    seen: list[object] = []
+    with pytest.raises(CustomiseError) as info:
+        run_steps(_FailingGuest(HASH), steps, network=False, log=seen.append)  # type: ignore[arg-type]
+    err = info.value
+    text = " ".join(str(x) for x in (err.message, err.hint, err.to_dict(), seen))
+    assert "failed" in err.message and "****" in text
+    assert HASH not in text and HASH[3:20] not in text
+
+
+@pytest.mark.parametrize("where", ["output", "command", "hint", "message"])
+def test_failing_command_is_scrubbed_everywhere(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Fault: the step's guest command fails and echoes the secret in one place (its output, its
+    command line, the hint or the message), as `usermod -p HASH` would on a broken guest."""
+    from pydantic import TypeAdapter  # noqa: PLC0415
+
+    from imagekit.customise import CustomiseError, run_steps  # noqa: PLC0415
+    from imagekit.steps import Step  # noqa: PLC0415
+    from imagekit.steps.accounts import RootPasswordStep  # noqa: PLC0415
+    from imagekit.steps.base import StepFailure  # noqa: PLC0415
+    from tests.test_steps import HASH  # noqa: PLC0415
+
+    parts = {"message": "usermod failed", "hint": "check the guest", "command": "usermod root",
+             "output": "usermod: error"}
+    parts[where] += f" {HASH}"
+
+    def fail(self: object, ctx: object) -> object:
+        raise StepFailure(parts["message"], parts["hint"], command=parts["command"], output=parts["output"])
+
+    monkeypatch.setattr(RootPasswordStep, "linux", fail)
+    steps = TypeAdapter(list[Step]).validate_python([{"op": "root-password", "hash": HASH}])
+    seen: list[object] = []
+    with pytest.raises(CustomiseError) as info:
+        run_steps(_FailingGuest(HASH), steps, network=False, log=seen.append)  # type: ignore[arg-type]
+    err = info.value
+    text = " ".join(str(x) for x in (err.message, err.hint, err.to_dict(), seen))
+    assert "****" in text and HASH not in text
