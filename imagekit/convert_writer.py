@@ -61,15 +61,17 @@ def _limits() -> runner.Limits:
 
 
 def _in_parallel(*jobs: Callable[[], Any]) -> list[Any]:
-    """Run the jobs in threads (the first in this one); results in order; the first error is raised."""
+    """Run the jobs in threads (the first in this one); results in order. If jobs fail, the error of the
+    first failing job in argument order is raised, whichever failed first in time, so that the verdict
+    (and exit code) does not depend on thread timing."""
     results: list[Any] = [None] * len(jobs)
-    errors: list[BaseException] = []
+    failures: list[BaseException | None] = [None] * len(jobs)
 
     def run(i: int) -> None:
         try:
             results[i] = jobs[i]()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
+            failures[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, len(jobs))]
     for t in threads:
@@ -79,6 +81,7 @@ def _in_parallel(*jobs: Callable[[], Any]) -> list[Any]:
     finally:
         for t in threads:
             t.join()
+    errors = [e for e in failures if e is not None]
     if errors:
         raise errors[0]
     return results

@@ -202,3 +202,24 @@ def test_failing_command_is_scrubbed_everywhere(monkeypatch: pytest.MonkeyPatch,
     err = info.value
     text = " ".join(str(x) for x in (err.message, err.hint, err.to_dict(), seen))
     assert "****" in text and HASH not in text
+
+
+def test_parallel_verification_reports_the_first_jobs_error_whatever_finishes_first() -> None:
+    """The deep check, qemu-img check and the map run side by side; when several fail, the error
+    reported (and so the exit code: 3 for an unsafe image) is the first job's, even if another job
+    failed earlier in time. Here job 1 fails first; job 0 waits for that, then fails."""
+    import threading
+
+    second_failed = threading.Event()
+
+    def first() -> None:
+        assert second_failed.wait(30)
+        raise UnsafeImageError("deep check", "hint")
+
+    def second() -> None:
+        second_failed.set()
+        raise ImagekitError("qemu-img check", "hint")
+
+    with pytest.raises(UnsafeImageError):
+        convert_writer._in_parallel(first, second, lambda: 1)
+    assert convert_writer._in_parallel(lambda: 1, lambda: 2) == [1, 2]
