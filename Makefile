@@ -85,13 +85,13 @@ lint: setup
 # fast in-process tests), over the safety-critical functions named here, 2 workers. Starts afresh
 # (mutants/ removed), then prints the score and every mutant not killed (tests/mutation_report.py).
 # One mutant: .venv/bin/mutmut show NAME; re-run some: .venv/bin/mutmut run NAME...
-MUTATE_SCOPE ?= 'imagekit.formats.*' 'imagekit.secrets.*' 'imagekit.properties.*' \
+MUTATE_SCOPE ?= 'imagekit.formats.qcow2.*' 'imagekit.formats.detect.*' 'imagekit.formats.vmdk.*' \
+  'imagekit.secrets.*' 'imagekit.properties.*' \
   'imagekit.convert.x__input_format__*' 'imagekit.convert.x__verify_output__*' \
   'imagekit.convert_writer.x__qemu_check__*' 'imagekit.convert_writer.x__deep_check__*' \
   'imagekit.convert_writer.x_verify_file__*' 'imagekit.convert_writer.x_compare_content__*' \
-  'imagekit.convert_writer.x__check_space__*' \
+  'imagekit.convert_writer.x__check_space__*' 'imagekit.convert_writer.x__in_parallel__*' \
   'imagekit.glance.x__verify__*' 'imagekit.glance.x__verify_and_finish__*' \
-  'imagekit.glance_stream.x*HashingReader*' 'imagekit.glance_stream.x*_Tee*' \
   'imagekit.glance_stream.x__checked_input__*' \
   'imagekit.cloud.x_translate__*' 'imagekit.cloud.x__detail__*'
 MUTATE_JOBS ?= 2

@@ -151,3 +151,20 @@ def test_text_probe_like_qemu(d: Path) -> None:
     q = d / "notes.txt"
     q.write_text("hello\nversion=1\n")
     assert detect(q).format == "raw"
+
+
+def test_detection_as_json(tmp_path: Path) -> None:
+    """What 'imagekit inspect --json' shows of detection: every field, with its value."""
+    p = fac.create(tmp_path / "a.qcow2", "qcow2", "4M")
+    det = detect(p)
+    assert det.to_dict() == {"format": "qcow2", "qemu_format": "qcow2", "matches": ["qcow2"], "virtual_size": 4 << 20,
+                             "actual_size": det.actual_size, "file_size": p.stat().st_size, "oslo_format": "qcow2",
+                             "subformat": None, "hybrid": False, "partition_table": None, "findings": []}
+    assert isinstance(det.actual_size, int) and det.actual_size > 0
+    desc = tmp_path / "desc.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x" 0\n')
+    vm = detect(desc).to_dict()
+    assert (vm["format"], vm["subformat"]) == ("vmdk", "descriptor")
+    assert vm["findings"] == [f.to_dict() for f in detect(desc).findings]
+    disk = detect(fac.gpt_disk(tmp_path / "g.raw")).to_dict()
+    assert (disk["format"], disk["partition_table"]) == ("raw", "gpt")

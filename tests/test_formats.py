@@ -240,3 +240,22 @@ def test_iso_truncated(d: Path) -> None:
     with open(p, "r+b") as f:
         f.truncate(40 * 1024)
     assert "iso-truncated" in codes(iso.verify(p).findings, "reject")
+
+
+def test_vmdk_text_descriptor_is_read_up_to_the_first_nul(d: Path) -> None:
+    """A text descriptor is refused, and what it says is reported exactly: read from byte 0 up to the
+    first NUL (a second descriptor hidden after it is not read), bytes outside ASCII tolerated, and a
+    sparse extent in another file named for what it is."""
+    p = d / "desc.vmdk"
+    p.write_bytes(b'version=1\n# comment \xff\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicSparse"\n'
+                  b'RW 2048 SPARSE "data.vmdk"\n\x00RW 8 SPARSE "more.vmdk"\n\x00')
+    rep = vmdk.verify(p)
+    assert rep.format_info["subformat"] == "descriptor"
+    assert rep.format_info["descriptor"] == {
+        "fields": {"version": "1", "CID": "12345678", "parentCID": "ffffffff", "createType": "monolithicSparse"},
+        "extents": [{"access": "RW", "sectors": 2048, "type": "SPARSE", "file": "data.vmdk", "offset": 0}],
+        "unknown_lines": []}
+    assert [(f.code, f.severity) for f in rep.findings] == [("vmdk-descriptor-file", "reject"),
+                                                           ("vmdk-external-extent", "reject")]
+    assert "CVE-2022-47951" in rep.findings[0].message
+    assert "'data.vmdk'" in rep.findings[1].message

@@ -223,3 +223,75 @@ def test_parallel_verification_reports_the_first_jobs_error_whatever_finishes_fi
     with pytest.raises(UnsafeImageError):
         convert_writer._in_parallel(first, second, lambda: 1)
     assert convert_writer._in_parallel(lambda: 1, lambda: 2) == [1, 2]
+
+
+# ---------------------------------------------------------------- cloud errors: what the user reads
+
+SECRET = "s3cret-pw"
+
+
+def _cloud_cases() -> list[tuple[BaseException, str, str | None]]:
+    from glanceclient import exc as gexc
+    from keystoneauth1 import exceptions as ksa
+
+    return [
+        (ksa.Unauthorized(), "cloud 'c': authentication failed while trying to list images (HTTP 401)",
+         "check the user name, password / application credential and project in clouds.yaml or the OS_* variables"),
+        (gexc.HTTPForbidden(f"no {SECRET}\n  here"), "cloud 'c': not allowed to list images (HTTP 403): no **** here",
+         "the user's roles in this project do not allow it"),
+        (ksa.ConnectFailure("x"), "cloud 'c': cannot reach http://auth:5000 to list images",
+         "check the endpoint / auth_url, that the service runs and the network path; "
+         "for the local Glance: 'imagekit glance status'"),
+        (gexc.CommunicationError("x"), "cloud 'c': cannot reach http://glance:9292 to list images", None),
+        (ksa.EndpointNotFound(), "cloud 'c': no image (Glance) endpoint in the service catalog",
+         "check region_name and interface in clouds.yaml"),
+        (ksa.NoMatchingPlugin(f"password {SECRET}"),
+         "cloud 'c': incomplete authentication settings: The plugin password **** could not be found",
+         "complete the cloud's auth section in clouds.yaml or the OS_* variables"),
+        (gexc.HTTPConflict(details=f"busy {SECRET}  now"),
+         "cloud 'c': the image service refused to list images (HTTP 409): busy **** now",
+         "the image is in a state that does not allow this (another upload or import running?)"),
+        (gexc.HTTPBadRequest(details="bad"), "cloud 'c': the image service refused to list images (HTTP 400): bad",
+         None),
+        (ksa.HttpError(message=f"m {SECRET}", http_status=502),
+         "cloud 'c': request failed while trying to list images (HTTP 502): m **** (HTTP 502)", None),
+        (ksa.ClientException(f"boom {SECRET}"), "cloud 'c': list images failed: boom ****", None),
+        (ValueError(f"odd {SECRET}"), "cloud 'c': list images failed: ValueError: odd ****",
+         "run again with --debug for details"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_cloud_errors_say_what_failed_and_what_to_do(index: int) -> None:
+    from imagekit import cloud
+
+    exc, message, hint = _cloud_cases()[index]
+    err = cloud.translate(exc, "c", "list images", endpoint="http://glance:9292", auth_url="http://auth:5000",
+                          secrets=[SECRET])
+    assert err.message == message
+    if index != 3:
+        assert err.hint == hint
+
+
+def test_cloud_error_without_endpoint_names_the_cloud() -> None:
+    from glanceclient import exc as gexc
+
+    from imagekit import cloud
+
+    assert cloud.translate(gexc.CommunicationError("x"), "c", "upload").message == \
+        "cloud 'c': cannot reach the cloud to upload"
+    assert cloud.translate(ValueError("v"), "c", "upload", secrets=None).message == \
+        "cloud 'c': upload failed: ValueError: v"
+
+
+def test_cloud_error_detail_is_one_line_scrubbed_and_bounded() -> None:
+    from glanceclient import exc as gexc
+
+    from imagekit import cloud
+    from imagekit.secrets import Secrets
+
+    long = gexc.HTTPConflict(details="word\n\t " * 200 + SECRET)
+    text = cloud._detail(long, Secrets([SECRET]))
+    assert len(text) == 500 and text.startswith("word word ") and "\n" not in text
+    assert cloud._detail(gexc.HTTPConflict(details=f"a  {SECRET}"), Secrets([SECRET])) == "a ****"
+    assert cloud._detail(RuntimeError("plain  text"), Secrets([])) == "plain text"  # no .details: str(exc)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
+import yaml
+
+from imagekit import paths
 from imagekit import properties as pm
 from imagekit import recipe as rec
 from imagekit.errors import UsageError
@@ -84,6 +90,22 @@ def test_check_lint_raises_with_every_problem() -> None:
     err = ei.value
     assert err.exit_code == 2
     assert any("P003" in p for p in err.problems) and any("P007" in p for p in err.problems)
+    assert err.message == "3 inconsistent image properties"
+    assert err.hint == ("fix the recipe's glance.properties or the --property options; "
+                        "'imagekit properties lint' shows every rule")
+    assert [f.code for f in err.findings if f.severity == "error"] == ["P003", "P006", "P007"]
+    assert err.to_dict()["findings"] == [f.to_dict() for f in err.findings]
+    with pytest.raises(pm.PropertyLintError) as one:
+        pm.check_lint({**GOOD_LINUX, "hw_disk_bus": "scsi"})
+    assert one.value.message == "1 inconsistent image property"
+    bare = pm.PropertyLintError("m")
+    assert (bare.problems, bare.findings, bare.hint) == ([], [], None)
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc-q35-8.2", "pc-q35-rhel9.4.0"])
+def test_versioned_q35_machine_types_are_q35(machine: str) -> None:
+    assert error_codes({**GOOD_WINDOWS, "hw_machine_type": machine}) == set()
+    assert error_codes({**GOOD_WINDOWS, "hw_machine_type": "pc-i440fx-8.2"}) >= {"P002"}
 
 
 def test_architecture_against_recipe() -> None:
@@ -122,8 +144,11 @@ def test_profile_layers_and_provenance() -> None:
 
 def test_parse_assignments() -> None:
     assert pm.parse_assignments(["a=1", "b = x=y", "c="]) == {"a": "1", "b": "x=y", "c": ""}
-    with pytest.raises(UsageError):
-        pm.parse_assignments(["novalue"])
+    for bad in ("novalue", "=v"):
+        with pytest.raises(UsageError) as info:
+            pm.parse_assignments([bad])
+        assert info.value.message == f"bad property {bad!r}: expected KEY=VALUE"
+        assert info.value.hint == "example: --property hw_disk_bus=virtio"
 
 
 def test_cli_properties_lint(imagekit) -> None:  # type: ignore[no-untyped-def]
@@ -146,3 +171,43 @@ def test_cli_upload_lint_only(imagekit) -> None:  # type: ignore[no-untyped-def]
     ok = imagekit("upload", "--lint-only", "--recipe", "debian-12", "--json")
     assert ok.code == 0, ok.err
     assert ok.json()["properties"]["os_distro"] == "debian"  # type: ignore[index]
+
+
+def _variant(tmp_path: Path, name: str, change: Callable[[dict[str, Any]], None]) -> rec.Recipe:
+    """A shipped recipe with a change (a recipe file in tmp_path)."""
+    doc = yaml.safe_load((paths.shipped_dir("recipes") / f"{name}.yaml").read_text())
+    change(doc)
+    path = tmp_path / f"{name}-variant.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return rec.load(path)
+
+
+def test_profile_is_what_the_os_and_build_make_true(tmp_path: Path) -> None:
+    """The profile alone (without the recipe's glance.properties, which repeat most of it in every shipped
+    recipe): exact sets, so that no default can change or vanish unnoticed."""
+    linux = {"os_type": "linux", "os_distro": "debian", "os_version": "12", "architecture": "x86_64",
+             "hw_disk_bus": "virtio", "hw_vif_model": "virtio"}
+    assert pm.profile(rec.load("debian-12")) == linux
+    win = {"os_type": "windows", "os_distro": "windows", "os_version": "2022", "architecture": "x86_64",
+           "hw_disk_bus": "scsi", "hw_scsi_model": "virtio-scsi", "hw_vif_model": "virtio", "hw_machine_type": "q35",
+           "hw_qemu_guest_agent": "yes", "os_admin_user": "Admin", "hw_firmware_type": "uefi"}
+    assert pm.profile(rec.load("windows-server-2022")) == win
+    assert pm.profile(rec.load("windows-11")) == {**win, "os_version": "11", "os_secure_boot": "required",
+                                                  "hw_tpm_version": "2.0", "hw_tpm_model": "tpm-crb"}
+
+    def bios_virtio(doc: dict[str, Any]) -> None:
+        doc["build"].update(disk_bus="virtio", firmware="bios")
+        doc["glance"]["properties"].update(hw_disk_bus="virtio")
+        for k in ("hw_firmware_type", "hw_scsi_model"):
+            del doc["glance"]["properties"][k]
+
+    other = {k: v for k, v in win.items() if k not in ("hw_scsi_model", "hw_firmware_type")}
+    assert pm.profile(_variant(tmp_path, "windows-server-2022", bios_virtio)) == {**other, "hw_disk_bus": "virtio"}
+
+    def distro(name: str, arch: str = "x86_64") -> Callable[[dict[str, Any]], None]:
+        return lambda doc: doc["os"].update(distro=name, arch=arch)
+
+    assert pm.profile(_variant(tmp_path, "debian-12", distro("RedHat")))["os_distro"] == "rhel"
+    assert pm.profile(_variant(tmp_path, "debian-12", distro("MyOS")))["os_distro"] == "myos"
+    arm = pm.profile(_variant(tmp_path, "debian-12", distro("debian", "aarch64")))
+    assert arm == {**linux, "architecture": "aarch64", "hw_firmware_type": "uefi", "hw_machine_type": "virt"}

@@ -422,3 +422,33 @@ def test_memory_does_not_grow_with_the_image(tmp_path: Path) -> None:
         peaks[name + "_passes"] = r.stats["passes"]
     assert peaks["big_passes"] > 4 * peaks["small_passes"]
     assert peaks["big"] < 1.25 * peaks["small"] and peaks["big"] < 4 << 20, peaks
+
+
+def test_describe_reports_the_header_as_inspect_shows_it(tmp_path: Path) -> None:
+    p = tmp_path / "d.qcow2"
+    qf.qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(p), "4M")
+    qf.qemu_img("bitmap", "--add", str(p), "b0")
+    qf.qemu_img("snapshot", "-c", "s1", str(p))
+    d = qcow2.describe(qcow2.read_info(p))
+    header, snaps = d.pop("header"), d.pop("snapshots")
+    assert d == {"version": 3, "compat": "1.1", "cluster_size": 65536, "compression_type": "zlib",
+                 "features": {"extended_l2": False, "lazy_refcounts": True, "dirty": False, "corrupt": False,
+                              "bitmaps": 1, "feature_name_table": [
+                                  "dirty bit", "corrupt bit", "external data file", "compression type",
+                                  "extended L2 entries", "lazy refcounts", "bitmaps", "raw external data"]},
+                 "backing_file": None, "data_file": None}
+    assert [(s["id"], s["name"], s["l1_size"], s["disk_size"]) for s in snaps] == [("1", "s1", 1, 4 << 20)]
+    assert header["cluster_bits"] == 16 and header["virtual_size"] == 4 << 20 and header["bitmaps"] == 1
+
+
+def test_read_info_names_the_file_and_the_first_rejection(tmp_path: Path) -> None:
+    p = qf.create(tmp_path / "bad.qcow2")
+    with open(p, "r+b") as f:
+        f.seek(qf.H_CLUSTER_BITS)
+        f.write(struct.pack(">I", 8))
+    with pytest.raises(ImageReadError) as info:
+        qcow2.read_info(p)
+    assert info.value.message.startswith(f"{p}: ") and "cluster" in info.value.message
+    with pytest.raises(ImageReadError) as info:
+        qcow2.read_info(tmp_path / "missing.qcow2")
+    assert "missing.qcow2" in info.value.message
