@@ -15,6 +15,7 @@ from imagekit.formats.qcow2.constants import (
     BME_FLAG_IN_USE,
     BME_MAX_GRANULARITY_BITS,
     BME_MAX_NAME_SIZE,
+    BME_MAX_PHYS_SIZE,
     BME_MAX_TABLE_SIZE,
     BME_MIN_GRANULARITY_BITS,
     BME_OFFSET_MASK,
@@ -59,6 +60,10 @@ def walk_bitmaps(w: Walk) -> None:
             out.reject("bad-bitmap", f"{label}: duplicate bitmap name")
         names.add(name)
         _check_entry(w, label, flags, btype, gran, name_size)
+        if extra:
+            out.reject("bad-bitmap", f"{label}: {extra} bytes of extra data, which QEMU does not support "
+                                     "(it refuses to open the image)")
+        _table_sized(w, label, tsize, flags, gran)
         if _table_placed(w, label, toff, tsize):
             _walk_table(w, label, toff, tsize)
         else:
@@ -82,10 +87,26 @@ def _check_entry(w: Walk, label: str, flags: int, btype: int, gran: int, name_si
         out.info("bitmap-in-use", f"{label} is marked in use (inconsistent)")
 
 
+def _table_sized(w: Walk, label: str, tsize: int, flags: int, gran: int) -> None:
+    """The table's size against what the disk needs (``check_dir_entry`` and ``load_bitmap`` in QEMU's
+    ``qcow2-bitmap.c``: QEMU refuses to open an image whose bitmap fails these)."""
+    out = w.out
+    if 0 < tsize <= BME_MAX_TABLE_SIZE and tsize * w.cs > BME_MAX_PHYS_SIZE:
+        out.reject("bad-bitmap", f"{label}: bitmap table of {tsize} clusters of data, over QEMU's "
+                                 f"{BME_MAX_PHYS_SIZE >> 20} MiB")
+    if flags & BME_FLAG_IN_USE or not BME_MIN_GRANULARITY_BITS <= gran <= BME_MAX_GRANULARITY_BITS:
+        return  # an in-use bitmap may be stale (a resize); a bad granularity is already rejected
+    bits = -((-w.h.size) >> gran)  # one bit per granule, rounded up
+    needed = -(-bits // (8 * w.cs))
+    if tsize != needed and tsize:
+        out.reject("bad-bitmap", f"{label}: bitmap table of {tsize} entries, but the disk's "
+                                 f"{w.h.size} bytes at granularity {1 << gran} need {needed}")
+
+
 def _table_placed(w: Walk, label: str, toff: int, tsize: int) -> bool:
     """The bitmap table's size and placement; False: it cannot be walked."""
     out = w.out
-    if tsize > BME_MAX_TABLE_SIZE or toff == 0:
+    if tsize > BME_MAX_TABLE_SIZE or toff == 0 or tsize == 0:
         out.reject("bad-bitmap", f"{label}: bitmap table of {tsize} entries at {hexstr(toff)}")
         return False
     if toff % w.cs:
