@@ -82,3 +82,18 @@ def _finding_codes_are_documented() -> Iterator[None]:
     verdict.Findings.add = real  # type: ignore[method-assign]
     undocumented = seen - set(finding_codes.CODES)
     assert not undocumented, f"finding codes emitted but not documented in imagekit/finding_codes.py: {undocumented}"
+
+
+_MUTMUT_PHASES = {"", "stats", "fail", "list_all_tests", "mutant_generation"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``make mutate`` only (a mutant is active): run the mutant's tests fastest first, by the
+    durations mutmut recorded, so that ``-x`` stops at the first (cheapest) test that kills it."""
+    if os.environ.get("MUTANT_UNDER_TEST", "") in _MUTMUT_PHASES:
+        return
+    try:
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return
+    items.sort(key=lambda item: float(durations.get(item.nodeid, 1e9)))
