@@ -89,14 +89,20 @@ def _corrupt_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, d
     monkeypatch.setattr(module, name, wrapped)
 
 
+def _damage_output(monkeypatch: pytest.MonkeyPatch, writer: str, damage: Callable[[Path], None]) -> None:
+    """The written output damaged before it is verified: after qemu-img convert, or as the writer's
+    verification starts."""
+    if writer == "qemu-img":
+        _corrupt_after(monkeypatch, conv, "_qemu_img_convert", damage, 2)
+    else:
+        _corrupt_after(monkeypatch, convert_writer, "verify_file", damage, 0)
+
+
 @pytest.mark.parametrize("writer", ["qemu-img", "auto"])
 def test_output_failing_imagekits_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    writer: str) -> None:
     src = fac.write_pattern(tmp_path / "in.raw", 4 * MiB)
-    if writer == "qemu-img":
-        _corrupt_after(monkeypatch, conv, "_qemu_img_convert", _l1_past_eof, 2)
-    else:
-        _corrupt_after(monkeypatch, convert_writer, "verify_file", _l1_past_eof, 0)
+    _damage_output(monkeypatch, writer, _l1_past_eof)
     with pytest.raises(UnsafeImageError) as info:
         conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer=writer))
     assert "failed imagekit's check" in info.value.message and "l1" in " ".join(info.value.verdict.codes())
@@ -120,10 +126,7 @@ def test_output_failing_qemu_img_check_is_refused(tmp_path: Path, monkeypatch: p
 def test_output_differing_from_the_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     writer: str) -> None:
     src = fac.write_pattern(tmp_path / "in.raw", 4 * MiB)
-    if writer == "qemu-img":
-        _corrupt_after(monkeypatch, conv, "_qemu_img_convert", _flip_data, 2)
-    else:
-        _corrupt_after(monkeypatch, convert_writer, "verify_file", _flip_data, 0)
+    _damage_output(monkeypatch, writer, _flip_data)
     with pytest.raises(ImagekitError) as info:
         conv.convert(src, tmp_path / "out.qcow2", conv.ConvertOptions(writer=writer, verify="content"))
     assert "differs from the input" in info.value.message
