@@ -298,3 +298,13 @@ def test_cloud_error_detail_is_one_line_scrubbed_and_bounded() -> None:
     assert len(text) == 500 and text.startswith("word word ") and "\n" not in text
     assert cloud._detail(gexc.HTTPConflict(details=f"a  {SECRET}"), Secrets([SECRET])) == "a ****"
     assert cloud._detail(RuntimeError("plain  text"), Secrets([])) == "plain text"  # no .details: str(exc)
+
+
+def test_cloud_http_error_without_a_message() -> None:
+    from keystoneauth1 import exceptions as ksa
+
+    from imagekit import cloud
+
+    exc = ksa.HttpError(http_status=500)
+    exc.message = None
+    assert cloud.translate(exc, "c", "upload").message == "cloud 'c': request failed while trying to upload (HTTP 500): "

@@ -452,3 +452,33 @@ def test_read_info_names_the_file_and_the_first_rejection(tmp_path: Path) -> Non
     with pytest.raises(ImageReadError) as info:
         qcow2.read_info(tmp_path / "missing.qcow2")
     assert "missing.qcow2" in info.value.message
+
+
+def test_zero_clusters_are_counted_with_and_without_extended_l2(tmp_path: Path) -> None:
+    """zero_clusters in the report: standard entries with the zero flag, and extended entries whose
+    subclusters all read as zero; summed over the run (a second table's count adds up)."""
+    for opts in ("cluster_size=65536", "extended_l2=on,cluster_size=65536"):
+        p = tmp_path / f"z-{len(opts)}.qcow2"
+        qf.qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(p), "1G")
+        qf.qemu_io(p, "write -z 0 256k")
+        qf.qemu_io(p, "write -z 512M 128k")  # in the second L2 table
+        qf.qemu_io(p, "write -P 1 1M 64k")
+        r = qcow2.verify(p)
+        assert r.verdict == "accept" and r.stats["zero_clusters"] == 6 and r.stats["data_clusters"] == 1, r.stats
+
+
+@pytest.mark.parametrize("what,offset,value,text", [
+    ("alloc-and-zero", 8, 0x0000000100000001, "extended L2 entries mark subclusters both allocated and zero"),
+    ("alloc-without-offset", 8, 1, "extended L2 entries allocate subclusters without a host cluster"),
+])
+def test_subcluster_findings_count_and_locate(base: dict[str, Path], tmp_path: Path, what: str, offset: int,
+                                              value: int, text: str) -> None:
+    q = _copy(base, tmp_path, "xl2")
+    first = 100 if what == "alloc-without-offset" else 1
+    for j in (first, first + 1):
+        if what == "alloc-without-offset":
+            q.set_u64(q.l2_table() + 16 * j, 0)
+        q.set_u64(q.l2_table() + 16 * j + offset, value)
+    r = qcow2.verify(q.path)
+    msg = next(f.message for f in r.findings if f.code == "bad-subcluster-bitmap")
+    assert msg.startswith(f"2 {text}; first: L2 table at {q.l2_table():#x}, entry {first}: "), msg
