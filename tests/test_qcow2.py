@@ -482,3 +482,33 @@ def test_subcluster_findings_count_and_locate(base: dict[str, Path], tmp_path: P
     r = qcow2.verify(q.path)
     msg = next(f.message for f in r.findings if f.code == "bad-subcluster-bitmap")
     assert msg.startswith(f"2 {text}; first: L2 table at {q.l2_table():#x}, entry {first}: "), msg
+
+
+def _compressed_at(q: Q2, host: int) -> None:
+    """The first compressed entry's host offset moved to ``host`` (its sector count and flags kept)."""
+    j = _first_compressed(q)
+    x = 62 - (q.cs.bit_length() - 1 - 8)
+    q.set_l2(j, (q.l2(j) & ~((1 << x) - 1)) | host)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.parametrize("image,patch,what", [
+    ("v3", lambda q: q.set_l2(0, COPIED | q.l1_offset), "data and active L1 table"),
+    ("v3", lambda q: q.set_l2(0, COPIED | q.rt_offset), "data and refcount table"),
+    ("v3", lambda q: q.set_l2(0, COPIED | q.l2_table()), "data and L2 table"),
+    ("v3", lambda q: q.set_l1(0, COPIED | q.refblock()), "L2 table and refcount block"),
+    ("comp", lambda q: _compressed_at(q, q.l1_offset), "compressed data and active L1 table"),
+], ids=["data-l1", "data-refcount-table", "data-l2", "l2-refblock", "compressed-l1"])
+def test_overlap_says_where_and_what(base: dict[str, Path], tmp_path: Path, image: str, patch: Patch, what: str,
+                                     window: int | None) -> None:
+    """The cluster-overlap finding names the host cluster and both its uses, also when the cluster lies in
+    a later refcount window (window of 2 clusters)."""
+    q = _copy(base, tmp_path, image)
+    patch(q)
+    target = {"data and active L1 table": q.l1_offset, "data and refcount table": q.rt_offset,
+              "data and L2 table": q.l2_table(), "L2 table and refcount block": q.refblock(),
+              "compressed data and active L1 table": q.l1_offset}[what]
+    kw = {} if window is None else {"window_clusters": window}
+    r = qcow2.verify(q.path, **kw)
+    msgs = [f.message for f in r.findings if f.code == "cluster-overlap"]
+    assert msgs == [f"1 host clusters are used for two different things: cluster {target:#x} used as {what}"]
