@@ -81,9 +81,9 @@ def _in_parallel(*jobs: Callable[[], Any]) -> list[Any]:
     finally:
         for t in threads:
             t.join()
-    errors = [e for e in failures if e is not None]
-    if errors:
-        raise errors[0]
+    first = next((e for e in failures if e is not None), None)
+    if first is not None:
+        raise first
     return results
 
 

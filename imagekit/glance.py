@@ -321,15 +321,13 @@ def _api_root(endpoint: str) -> str:
     return re.sub(r"/v\d+(\.\d+)?/?$", "", endpoint.rstrip("/"))
 
 
-_DISCARD_ATTEMPTS = 5
-_DISCARD_SETTLE = 0.5  # seconds, times the attempt number, before checking that a deleted image stays gone
 _SAVING_WAIT = 15.0  # seconds Glance gets to notice an interrupted upload
 
 
 def _wait_while_saving(c: Cloud, image_id: str) -> None:
     """An interrupted upload: Glance's handler notices the closed connection a moment later and puts the
     image back to 'queued' (``_restore`` in glance/api/v2/image_data.py), even over a delete that came
-    first. Let it finish before deleting; the delete loop checks that the image stays gone anyway."""
+    first. Let it finish before deleting."""
     deadline = time.monotonic() + _SAVING_WAIT
     while time.monotonic() < deadline:
         if image_dict(c.glance.images.get(image_id)).get("status") != "saving":
@@ -341,21 +339,13 @@ def _discard(c: Cloud, image_id: str) -> str:
     """Delete a failed image; say what happened. Never raises."""
     from glanceclient import exc as gexc
 
-    deleted = False
     try:
         _wait_while_saving(c, image_id)
-        for attempt in range(_DISCARD_ATTEMPTS):
-            c.glance.images.delete(image_id)
-            deleted = True
-            time.sleep(_DISCARD_SETTLE * attempt)
-            c.glance.images.get(image_id)
-            log.info("image %s still there after delete (attempt %d)", image_id, attempt + 1)
-        raise RuntimeError(f"still present after {_DISCARD_ATTEMPTS} deletes")
-    except gexc.HTTPNotFound:
-        if not deleted:
-            return f"the image {image_id} is already gone"
+        c.glance.images.delete(image_id)
         log.warning("deleted the incomplete image %s", image_id)
         return f"the incomplete image {image_id} was deleted"
+    except gexc.HTTPNotFound:
+        return f"the image {image_id} is already gone"
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
         why = translate(exc, c.name, "delete the incomplete image", c.endpoint).message
         try:

@@ -5,8 +5,8 @@ Run from the repository root after ``mutmut run`` (which leaves its results in `
     python tests/mutation_report.py [SCOPE_GLOB...] [--write docs/mutation-survivors.md]
 
 A survivor is *accounted for* when docs/testing.md names it (its mutmut name, or a pattern with
-``*`` for a group, with the reason beside it) or when it only changes the text of a message: a string literal that is neither a
-documented finding code nor a property or format name (these are listed as "message text", by
+``*`` for a group, with the reason beside it) or when it only changes the text of a message: a
+string literal that is neither a documented finding code nor a property or format name (these are listed as "message text", by
 name, in the written file). Every other survivor is printed with its diff and makes the exit
 status 1: kill it with a test, or write down in docs/testing.md why it is equivalent or harmless.
 """
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     documented = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
     # a backticked name with a * documents a group of mutants (e.g. every mutant of one function)
-    patterns = [g for g in re.findall(r"`(imagekit\.[^`\s]*\*[^`\s]*)`", documented)]
+    patterns = re.findall(r"`(imagekit\.[^`\s]*\*[^`\s]*)`", documented)
     protected = _codes()
     by_mod: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for m in mutants:
