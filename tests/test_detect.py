@@ -163,8 +163,9 @@ def test_detection_as_json(tmp_path: Path) -> None:
     assert isinstance(det.actual_size, int) and det.actual_size > 0
     desc = tmp_path / "desc.vmdk"
     desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x" 0\n')
-    vm = detect(desc).to_dict()
+    vm_det = detect(desc)
+    vm = vm_det.to_dict()
     assert (vm["format"], vm["subformat"]) == ("vmdk", "descriptor")
-    assert vm["findings"] == [f.to_dict() for f in detect(desc).findings]
+    assert vm["findings"] == [f.to_dict() for f in vm_det.findings]
     disk = detect(fac.gpt_disk(tmp_path / "g.raw")).to_dict()
     assert (disk["format"], disk["partition_table"]) == ("raw", "gpt")

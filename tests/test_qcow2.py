@@ -425,8 +425,7 @@ def test_memory_does_not_grow_with_the_image(tmp_path: Path) -> None:
 
 
 def test_describe_reports_the_header_as_inspect_shows_it(tmp_path: Path) -> None:
-    p = tmp_path / "d.qcow2"
-    qf.qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(p), "4M")
+    p = qf.create(tmp_path / "d.qcow2", "4M", opts="lazy_refcounts=on")
     qf.qemu_img("bitmap", "--add", str(p), "b0")
     qf.qemu_img("snapshot", "-c", "s1", str(p))
     d = qcow2.describe(qcow2.read_info(p))
@@ -458,8 +457,7 @@ def test_zero_clusters_are_counted_with_and_without_extended_l2(tmp_path: Path) 
     """zero_clusters in the report: standard entries with the zero flag, and extended entries whose
     subclusters all read as zero; summed over the run (a second table's count adds up)."""
     for opts in ("cluster_size=65536", "extended_l2=on,cluster_size=65536"):
-        p = tmp_path / f"z-{len(opts)}.qcow2"
-        qf.qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(p), "1G")
+        p = qf.create(tmp_path / f"z-{len(opts)}.qcow2", "1G", opts=opts)
         qf.qemu_io(p, "write -z 0 256k")
         qf.qemu_io(p, "write -z 512M 128k")  # in the second L2 table
         qf.qemu_io(p, "write -P 1 1M 64k")
@@ -492,23 +490,27 @@ def _compressed_at(q: Q2, host: int) -> None:
 
 
 @pytest.mark.parametrize("window", [None, 2])
-@pytest.mark.parametrize("image,patch,what", [
-    ("v3", lambda q: q.set_l2(0, COPIED | q.l1_offset), "data and active L1 table"),
-    ("v3", lambda q: q.set_l2(0, COPIED | q.rt_offset), "data and refcount table"),
-    ("v3", lambda q: q.set_l2(0, COPIED | q.l2_table()), "data and L2 table"),
-    ("v3", lambda q: q.set_l1(0, COPIED | q.refblock()), "L2 table and refcount block"),
-    ("comp", lambda q: _compressed_at(q, q.l1_offset), "compressed data and active L1 table"),
+@pytest.mark.parametrize("image,target,pointer,what", [
+    ("v3", lambda q: q.l1_offset, "l2", "data and active L1 table"),
+    ("v3", lambda q: q.rt_offset, "l2", "data and refcount table"),
+    ("v3", lambda q: q.l2_table(), "l2", "data and L2 table"),
+    ("v3", lambda q: q.refblock(), "l1", "L2 table and refcount block"),
+    ("comp", lambda q: q.l1_offset, "compressed", "compressed data and active L1 table"),
 ], ids=["data-l1", "data-refcount-table", "data-l2", "l2-refblock", "compressed-l1"])
-def test_overlap_says_where_and_what(base: dict[str, Path], tmp_path: Path, image: str, patch: Patch, what: str,
+def test_overlap_says_where_and_what(base: dict[str, Path], tmp_path: Path, image: str,
+                                     target: Callable[[Q2], int], pointer: str, what: str,
                                      window: int | None) -> None:
     """The cluster-overlap finding names the host cluster and both its uses, also when the cluster lies in
-    a later refcount window (window of 2 clusters)."""
+    a later refcount window (window of 2 clusters). ``pointer``: which entry is pointed at ``target``."""
     q = _copy(base, tmp_path, image)
-    patch(q)
-    target = {"data and active L1 table": q.l1_offset, "data and refcount table": q.rt_offset,
-              "data and L2 table": q.l2_table(), "L2 table and refcount block": q.refblock(),
-              "compressed data and active L1 table": q.l1_offset}[what]
+    host = target(q)
+    if pointer == "l2":
+        q.set_l2(0, COPIED | host)
+    elif pointer == "l1":
+        q.set_l1(0, COPIED | host)
+    else:
+        _compressed_at(q, host)
     kw = {} if window is None else {"window_clusters": window}
     r = qcow2.verify(q.path, **kw)
     msgs = [f.message for f in r.findings if f.code == "cluster-overlap"]
-    assert msgs == [f"1 host clusters are used for two different things: cluster {target:#x} used as {what}"]
+    assert msgs == [f"1 host clusters are used for two different things: cluster {host:#x} used as {what}"]
